@@ -1,0 +1,120 @@
+"""The ``fitscope`` command: the DVC stages call its subcommands.
+
+Every user-fixable error is printed as one line (no traceback) with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fitscope import data
+from fitscope.config import from_mapping
+from fitscope.download import RetryPolicy
+from fitscope.errors import FitscopeError
+
+log = logging.getLogger("fitscope")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read the DVC parameters file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FitscopeError(f"{path} not found. Fix: run from the repository root")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FitscopeError(f"{path} is not valid YAML ({exc}). Fix: correct the file") from exc
+    if not isinstance(params, dict):
+        raise FitscopeError(f"{path} must be a mapping. Fix: correct the file")
+    return params
+
+
+def _retry_policy(params: dict[str, Any]) -> RetryPolicy:
+    return from_mapping(RetryPolicy, "download", params.get("download"))
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    out = Path(args.out or f"data/raw/{args.dataset}")
+    if args.dataset == "higgs":
+        info = data.fetch_higgs(data.higgs_params(params.get("data")), out, _retry_policy(params))
+    else:
+        info = data.fetch_mnist(data.mnist_params(params.get("data")), out, _retry_policy(params))
+    print(f"fetched {args.dataset} from {info['source']} into {out}")
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    raw = Path(args.raw or f"data/raw/{args.dataset}")
+    out = Path(args.out or f"data/processed/{args.dataset}")
+    if args.dataset == "higgs":
+        manifest = data.split_higgs(data.higgs_params(params.get("data")), raw, out)
+    else:
+        manifest = data.split_mnist(data.mnist_params(params.get("data")), raw, out)
+    sizes = ", ".join(f"{k}={v['rows']}" for k, v in manifest["splits"].items())
+    print(f"split {args.dataset}: {sizes} -> {out}")
+
+
+def cmd_mirror(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    written = data.fill_mirror(args.dir, tuple(args.datasets), _retry_policy(params))
+    print(
+        f"mirrored {len(written)} file(s) into {args.dir}; to share them: "
+        "`dvc commit data.dvc && dvc push`"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fitscope", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="DVC params file")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fetch = sub.add_parser("fetch", help="download/copy and verify a raw dataset")
+    fetch.add_argument("dataset", choices=["higgs", "mnist"])
+    fetch.add_argument("--out", help="output directory (default data/raw/<dataset>)")
+    fetch.set_defaults(func=cmd_fetch)
+
+    split = sub.add_parser("split", help="parse and split a raw dataset into .npy arrays")
+    split.add_argument("dataset", choices=["higgs", "mnist"])
+    split.add_argument("--raw", help="raw directory (default data/raw/<dataset>)")
+    split.add_argument("--out", help="output directory (default data/processed/<dataset>)")
+    split.set_defaults(func=cmd_split)
+
+    mirror = sub.add_parser("mirror", help="download the official files into a local mirror")
+    mirror.add_argument(
+        "--dir", default="data/mirror", help="mirror directory (tracked by data.dvc)"
+    )
+    mirror.add_argument(
+        "--datasets", nargs="+", choices=["higgs", "mnist"], default=["higgs", "mnist"]
+    )
+    mirror.set_defaults(func=cmd_mirror)
+    return parser
+
+
+def run_cli(func: Callable[[], Any]) -> Any:
+    """Run ``func``; turn a FitscopeError into a one-line message and exit code 2."""
+    try:
+        return func()
+    except FitscopeError as exc:
+        print(f"fitscope: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("fitscope: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    run_cli(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Shared fixtures: a local HTTP file server on 127.0.0.1 and tiny real datasets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fitscope import data
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_HIGGS = REPO.parent / "shared" / "data" / "higgs" / "HIGGS.sample.csv.gz"
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@dataclass
+class Route:
+    """What the server does for one path."""
+
+    body: bytes
+    status: int = 200
+    fail_times: int = 0  # answer `fail_status` this many times first
+    fail_status: int = 503
+    drop_after: int | None = None  # close the connection after this many body bytes, once
+    honour_range: bool = True
+
+
+@dataclass
+class FileServer:
+    """A tiny HTTP server for tests; records every request's path and Range header."""
+
+    base_url: str
+    routes: dict[str, Route]
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def add(self, path: str, body: bytes, **kwargs) -> str:
+        self.routes[path] = Route(body, **kwargs)
+        return self.base_url + path
+
+
+def _handler(server: FileServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep test output quiet
+            pass
+
+        def do_GET(self) -> None:
+            rng = self.headers.get("Range")
+            server.requests.append((self.path, rng))
+            route = server.routes.get(self.path)
+            if route is None:
+                self._send(404, b"not found")
+                return
+            if route.fail_times > 0:
+                route.fail_times -= 1
+                self._send(route.fail_status, b"try later")
+                return
+            body, status, extra = route.body, route.status, {}
+            if rng and route.honour_range and rng.startswith("bytes="):
+                start = int(rng[6:].split("-")[0])
+                if start >= len(body):
+                    self._send(416, b"", {"Content-Range": f"bytes */{len(body)}"})
+                    return
+                extra = {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
+                body, status = body[start:], 206
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Accept-Ranges", "bytes")
+            for key, value in extra.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if route.drop_after is not None and len(body) > route.drop_after:
+                self.wfile.write(body[: route.drop_after])
+                self.wfile.flush()
+                route.drop_after = None  # drop only once
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            self.wfile.write(body)
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def file_server() -> Iterator[FileServer]:
+    """Serve in-memory files on 127.0.0.1 (never any other address)."""
+    server = FileServer(base_url="", routes={})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    server.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def higgs_sample_bytes() -> bytes:
+    """The real 10,984-row HIGGS sample (shared fixture, else the embedded copy)."""
+    path = (
+        SHARED_HIGGS
+        if SHARED_HIGGS.exists()
+        else (REPO / "src" / "fitscope" / "resources" / data.HIGGS_EMBEDDED)
+    )
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def mnist_idx_dir(tmp_path_factory) -> Path:
+    """Small official-layout IDX files (train 600 + t10k 200) built from real embedded digits."""
+    images, labels = data.embedded_mnist()
+    perm = np.random.default_rng(0).permutation(len(labels))  # the file is sorted by label
+    train, test = perm[:600], perm[600:800]
+    out = tmp_path_factory.mktemp("mnist_idx")
+    data.write_idx(out / "train-images-idx3-ubyte.gz", images[train])
+    data.write_idx(out / "train-labels-idx1-ubyte.gz", labels[train])
+    data.write_idx(out / "t10k-images-idx3-ubyte.gz", images[test])
+    data.write_idx(out / "t10k-labels-idx1-ubyte.gz", labels[test])
+    return out
+
+
+@pytest.fixture
+def fast_retry():
+    """A retry policy that does not sleep long."""
+    from fitscope.download import RetryPolicy
+
+    return RetryPolicy(attempts=3, backoff_s=0.01, timeout_s=5)
+
+
+PIPELINE_FILES = (
+    "dvc.yaml",
+    "dvc.lock",
+    "params.yaml",
+    "data.dvc",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "src",
+    "conf",
+    "data/.gitignore",
+)
+
+
+def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command with the venv's bin first on PATH; fail loudly with its output."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **kwargs.pop("env", {}),
+    }
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """A fresh git repository holding the pipeline files, like a fresh clone."""
+    dest = tmp_path / "repo"
+    dest.mkdir()
+    for name in PIPELINE_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "ci@fitscope.test"],
+        ["git", "config", "user.name", "fitscope-ci"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "fresh clone"],
+    ):
+        run(cmd, dest)
+    return dest

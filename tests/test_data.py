@@ -1,0 +1,270 @@
+"""Data stages: sources, parsing, validation and splits on real (tiny) data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fitscope import data
+from fitscope.errors import FitscopeError
+
+
+@pytest.fixture
+def higgs_rows(higgs_sample_bytes) -> list[list[float]]:
+    return [
+        list(map(float, line.split(b",")))
+        for line in gzip.decompress(higgs_sample_bytes).splitlines()
+    ]
+
+
+def test_embedded_higgs_split_follows_the_protocol(tmp_path, higgs_rows):
+    params = data.HiggsParams()
+    info = data.fetch_higgs(params, tmp_path / "raw")
+    assert info["sha256"] == data.HIGGS_EMBEDDED_SHA256
+    manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+    rows = {k: v["rows"] for k, v in manifest["splits"].items()}
+    assert rows == {"val": 1000, "train": 8984, "test": 1000}
+    x_val, y_val = data.load_split(tmp_path / "out", "val")
+    x_tr, _ = data.load_split(tmp_path / "out", "train")
+    x_te, y_te = data.load_split(tmp_path / "out", "test")
+    assert isinstance(x_val, np.memmap) and x_val.dtype == np.float32 and x_val.shape == (1000, 28)
+    # validation = first rows, training = next rows, test = last rows of the file
+    np.testing.assert_allclose(x_val[0], higgs_rows[0][1:], rtol=1e-6)
+    np.testing.assert_allclose(x_tr[0], higgs_rows[1000][1:], rtol=1e-6)
+    np.testing.assert_allclose(x_te[-1], higgs_rows[-1][1:], rtol=1e-6)
+    assert y_te[-1] == higgs_rows[-1][0] and y_val[0] == higgs_rows[0][0]
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["inputs_sha256"]["HIGGS.csv.gz"] == data.HIGGS_EMBEDDED_SHA256
+    assert sum(on_disk["splits"]["train"]["class_counts"].values()) == 8984
+
+
+def test_uci_source_streams_only_the_head(
+    tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry
+):
+    url = file_server.add("/00280/HIGGS.csv.gz", higgs_sample_bytes)
+    monkeypatch.setattr(data, "HIGGS_URLS", (file_server.base_url + "/missing.gz", url))
+    params = data.HiggsParams(source="uci", val_rows=500, train_rows=2000, test_rows=300)
+    info = data.fetch_higgs(params, tmp_path / "raw", fast_retry)
+    assert info["url"] == url
+    raw = gzip.decompress((tmp_path / "raw" / "HIGGS.csv.gz").read_bytes()).splitlines()
+    assert len(raw) == 2800
+    manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+    assert manifest["splits"]["test"] == {
+        **manifest["splits"]["test"],
+        "rows": 300,
+        "first_row": 2500,
+    }
+
+
+def test_full_size_verifies_the_official_checksum(
+    tmp_path, file_server, higgs_sample_bytes, fast_retry
+):
+    # The fixture is not the 2.8 GB official file, so the official sha256 must reject it.
+    file_server.add("/m/HIGGS.csv.gz", higgs_sample_bytes)
+    params = data.HiggsParams(source="mirror", size="full", mirror=file_server.base_url + "/m")
+    with pytest.raises(FitscopeError, match="checksum mismatch"):
+        data.fetch_higgs(params, tmp_path / "raw", fast_retry)
+    assert not (tmp_path / "raw" / "HIGGS.csv.gz").exists()
+
+
+def test_full_size_from_mirror_env(
+    tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry
+):
+    import hashlib
+
+    file_server.add("/m/HIGGS.csv.gz", higgs_sample_bytes)
+    monkeypatch.setattr(
+        data, "HIGGS_SHA256", "sha256:" + hashlib.sha256(higgs_sample_bytes).hexdigest()
+    )
+    monkeypatch.setenv(data.MIRROR_ENV, file_server.base_url + "/m")
+    params = data.HiggsParams(source="mirror", size="full", test_rows=1000)
+    data.fetch_higgs(params, tmp_path / "raw", fast_retry)
+    manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+    assert manifest["splits"]["train"]["rows"] == 8984
+
+
+def test_mirror_without_location_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.MIRROR_ENV, raising=False)
+    with pytest.raises(FitscopeError, match="FITSCOPE_MIRROR"):
+        data.fetch_higgs(data.HiggsParams(source="mirror"), tmp_path)
+
+
+def test_split_larger_than_source_is_refused(tmp_path):
+    params = data.HiggsParams(train_rows=10_000)  # 1,000 + 10,000 + 1,000 > 10,984
+    data.fetch_higgs(params, tmp_path / "raw")
+    with pytest.raises(FitscopeError, match=r"but .* has 10984\. Fix: lower"):
+        data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("1.0,2.0,3.0", r"HIGGS.csv.gz:3: expected 29 columns, found 3"),
+        ("1.0," + ",".join(["abc"] + ["0.5"] * 27), r"HIGGS.csv.gz:3: column 2 is not a number"),
+    ],
+)
+def test_bad_csv_row_reports_file_and_line(tmp_path, higgs_sample_bytes, line, message):
+    lines = gzip.decompress(higgs_sample_bytes).splitlines()[:5]
+    lines[2] = line.encode()
+    path = tmp_path / "HIGGS.csv.gz"
+    path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    with pytest.raises(FitscopeError, match=message):
+        data.read_higgs_csv(path)
+
+
+def test_truncated_gzip_file_is_refused(tmp_path, higgs_sample_bytes):
+    path = tmp_path / "HIGGS.csv.gz"
+    path.write_bytes(higgs_sample_bytes[:100_000])
+    with pytest.raises(FitscopeError, match="not a complete gzip file"):
+        data.read_higgs_csv(path)
+
+
+def test_label_outside_0_1_is_refused(tmp_path):
+    path = tmp_path / "HIGGS.csv.gz"
+    path.write_bytes(gzip.compress(("2.0," + ",".join(["0.5"] * 28) + "\n").encode()))
+    with pytest.raises(FitscopeError, match=":1: label must be 0 or 1"):
+        data.read_higgs_csv(path)
+
+
+def test_embedded_mnist_split_is_balanced_and_disjoint(tmp_path):
+    params = data.MnistParams(val_size=50, test_size=200)
+    data.fetch_mnist(params, tmp_path / "raw")
+    manifest = data.split_mnist(params, tmp_path / "raw", tmp_path / "out")
+    assert manifest["splits"]["val"]["class_counts"] == {str(d): 5 for d in range(10)}
+    assert manifest["splits"]["test"]["class_counts"] == {str(d): 20 for d in range(10)}
+    x_tr, y_tr = data.load_split(tmp_path / "out", "train")
+    x_va, _ = data.load_split(tmp_path / "out", "val")
+    x_te, _ = data.load_split(tmp_path / "out", "test")
+    assert len(y_tr) == 5000 - 250
+    # Every prefix of the training pool is stratified: the first 300 hold 30 of each digit.
+    assert np.bincount(y_tr[:300], minlength=10).tolist() == [30] * 10
+    assert x_tr.min() >= 0.0 and x_tr.max() <= 1.0 and x_tr.shape[1] == 784
+    rows = {r.tobytes() for r in np.asarray(x_tr)}
+    assert not any(r.tobytes() in rows for r in np.asarray(x_va))
+    assert not any(r.tobytes() in rows for r in np.asarray(x_te))
+    again = data.split_mnist(params, tmp_path / "raw", tmp_path / "out2")
+    assert again["splits"] == manifest["splits"]
+    np.testing.assert_array_equal(data.load_split(tmp_path / "out2", "train")[1], y_tr)
+
+
+def test_official_mnist_over_http_with_mirror_fallback(
+    tmp_path, file_server, mnist_idx_dir, monkeypatch, fast_retry
+):
+    import hashlib
+
+    md5s = {}
+    for name in data.MNIST_FILES:
+        body = (mnist_idx_dir / name).read_bytes()
+        file_server.add(f"/good/{name}", body)
+        md5s[name] = hashlib.md5(body).hexdigest()
+    monkeypatch.setattr(data, "MNIST_FILES", md5s)
+    monkeypatch.setattr(
+        data, "MNIST_MIRRORS", (file_server.base_url + "/dead/", file_server.base_url + "/good/")
+    )
+    params = data.MnistParams(source="official", val_size=60, test_size=None)
+    info = data.fetch_mnist(params, tmp_path / "raw", fast_retry)
+    assert all("/good/" in url for url in info["urls"].values())
+    manifest = data.split_mnist(params, tmp_path / "raw", tmp_path / "out")
+    assert {k: v["rows"] for k, v in manifest["splits"].items()} == {
+        "train": 540,
+        "val": 60,
+        "test": 200,
+    }
+
+
+def test_official_mnist_md5_mismatch(tmp_path, file_server, mnist_idx_dir, monkeypatch, fast_retry):
+    for name in data.MNIST_FILES:
+        file_server.add(f"/m/{name}", (mnist_idx_dir / name).read_bytes())
+    monkeypatch.setattr(data, "MNIST_MIRRORS", (file_server.base_url + "/m/",))
+    with pytest.raises(FitscopeError, match="checksum mismatch"):
+        data.fetch_mnist(data.MnistParams(source="official"), tmp_path / "raw", fast_retry)
+
+
+def test_idx_bad_magic_and_bad_size(tmp_path):
+    bad_magic = tmp_path / "a.gz"
+    bad_magic.write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + b"abc"))
+    with pytest.raises(FitscopeError, match="bad IDX magic number 00000d01"):
+        data.read_idx(bad_magic, ndim=1)
+    short = tmp_path / "b.gz"
+    short.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"abc"))
+    with pytest.raises(FitscopeError, match=r"declares dimensions \(5,\).*holds 3 bytes"):
+        data.read_idx(short, ndim=1)
+
+
+def test_idx_round_trip(tmp_path):
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    data.write_idx(tmp_path / "x.gz", arr)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "x.gz", ndim=3), arr)
+    # Reproducible bytes: the same array gives the same file (DVC hashes stay stable).
+    data.write_idx(tmp_path / "y.gz", arr)
+    assert (tmp_path / "x.gz").read_bytes() == (tmp_path / "y.gz").read_bytes()
+
+
+def test_images_and_labels_count_mismatch(tmp_path, mnist_idx_dir):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    imgs = data.read_idx(mnist_idx_dir / "train-images-idx3-ubyte.gz", ndim=3)
+    labels = data.read_idx(mnist_idx_dir / "train-labels-idx1-ubyte.gz", ndim=1)
+    data.write_idx(raw / "train-images-idx3-ubyte.gz", imgs)
+    data.write_idx(raw / "train-labels-idx1-ubyte.gz", labels[:-1])
+    with pytest.raises(FitscopeError, match=r"600 images .* vs 599 labels"):
+        data.split_mnist(data.MnistParams(), raw, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"higgs": {"source": "kaggle"}}, "data.higgs.source='kaggle' is not valid"),
+        ({"higgs": {"val_rows": 0}}, "data.higgs.val_rows=0 must be >= 1"),
+        ({"higgs": {"rows": 5}}, r"unknown key\(s\) \['rows'\] in data.higgs"),
+        ({"mnist": {"val_size": -3}}, "data.mnist.val_size=-3 must be >= 1"),
+    ],
+)
+def test_bad_params_are_refused(bad, message):
+    with pytest.raises(FitscopeError, match=message):
+        data.higgs_params(bad)
+        data.mnist_params(bad)
+
+
+def test_cli_prints_one_line_error_and_exits_nonzero(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  higgs:\n    source: kaggle\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fitscope.cli", "fetch", "higgs"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fitscope: error: data.higgs.source='kaggle' is not valid. "
+        "Fix: use one of ['embedded', 'uci', 'mirror']"
+    ]
+    assert not (tmp_path / "data").exists()
+
+
+def test_fill_mirror_then_use_it_as_a_directory_source(
+    tmp_path, file_server, mnist_idx_dir, monkeypatch, fast_retry
+):
+    import hashlib
+
+    md5s = {}
+    for name in data.MNIST_FILES:
+        body = (mnist_idx_dir / name).read_bytes()
+        file_server.add(f"/mnist/{name}", body)
+        md5s[name] = hashlib.md5(body).hexdigest()
+    monkeypatch.setattr(data, "MNIST_FILES", md5s)
+    monkeypatch.setattr(data, "MNIST_MIRRORS", (file_server.base_url + "/mnist/",))
+    written = data.fill_mirror(tmp_path / "mirror", ("mnist",), fast_retry)
+    assert sorted(p.name for p in written) == sorted(md5s)
+    params = data.MnistParams(source="mirror", mirror=str(tmp_path / "mirror"), test_size=None)
+    file_server.requests.clear()
+    data.fetch_mnist(params, tmp_path / "raw", fast_retry)
+    assert file_server.requests == []  # a directory mirror needs no network
+    manifest = data.split_mnist(params, tmp_path / "raw", tmp_path / "out")
+    assert manifest["splits"]["test"]["rows"] == 200
