@@ -198,3 +198,33 @@ def repo_copy(tmp_path) -> Path:
     ):
         run(cmd, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def processed_dir(tmp_path_factory) -> Path:
+    """HIGGS and MNIST splits from the embedded data, as the DVC split stages write them."""
+    root = tmp_path_factory.mktemp("processed")
+    hp, mp = data.HiggsParams(), data.MnistParams()
+    data.fetch_higgs(hp, root / "raw_higgs")
+    data.split_higgs(hp, root / "raw_higgs", root / "higgs")
+    data.fetch_mnist(mp, root / "raw_mnist")
+    data.split_mnist(mp, root / "raw_mnist", root / "mnist")
+    return root
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A private SQLite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("FITSCOPE_PARENT_RUN_ID", raising=False)
+    return uri
+
+
+def compose(*overrides: str):
+    """Compose the real conf/ tree (no Hydra app), as `python -m fitscope.train` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))

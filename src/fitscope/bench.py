@@ -1,0 +1,178 @@
+"""``make bench``: side-by-side speed ratios measured in one run (no absolute claims).
+
+1. A Lightning epoch of the tiny HIGGS model vs a plain PyTorch loop doing the
+   same work (same batches, optimizer, schedule, per-epoch validation and metrics).
+2. In-memory tensor batches vs a default DataLoader over a TensorDataset.
+3. ``nn.Dropout`` vs the mask-based ``FastDropout`` in the large model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fitscope import data
+from fitscope.datamodules import ArrayDataModule, TensorBatches
+from fitscope.models import FastDropout, build_mlp
+from fitscope.training import (
+    EpochHistory,
+    FitModule,
+    RestoreBestWeights,
+    classification_metrics,
+    data_loss,
+)
+
+OPT = {"name": "adam", "lr": 1e-3, "eps": 1e-7}
+SCHED = {"name": "inverse_time", "decay_epochs": 1000}
+
+
+def _higgs(tmp: Path) -> ArrayDataModule:
+    params = data.HiggsParams()
+    data.fetch_higgs(params, tmp / "raw")
+    data.split_higgs(params, tmp / "raw", tmp / "higgs")
+    dm = ArrayDataModule(tmp / "higgs", task="binary", batch_size=500)
+    dm.setup()
+    return dm
+
+
+def plain_loop(dm: ArrayDataModule, epochs: int, seed: int = 0) -> float:
+    """Seconds for ``epochs`` epochs of a hand-written loop doing FitModule's work."""
+    torch.manual_seed(seed)
+    model = build_mlp(28, 1, width=16, depth=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=OPT["lr"], eps=OPT["eps"])
+    steps = len(dm.train_dataloader())
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 / (1.0 + step / (SCHED["decay_epochs"] * steps))
+    )
+    train_batches, val_batches = dm.train_dataloader(), dm.val_dataloader()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        outs = []
+        for x, y in train_batches:
+            logits = model(x)
+            loss = data_loss("binary", logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            outs.append((logits.detach(), y))
+        model.eval()
+        with torch.no_grad():
+            vals = [(model(x), y) for x, y in val_batches]
+        for batch in (outs, vals):
+            classification_metrics(
+                "binary", torch.cat([o[0] for o in batch]), torch.cat([o[1] for o in batch]), 2
+            )
+    return time.perf_counter() - start
+
+
+def lightning_loop(dm: ArrayDataModule, epochs: int, seed: int = 0) -> float:
+    """Seconds for ``epochs`` epochs of FitModule under the Trainer settings train.py uses."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    torch.manual_seed(seed)
+    module = FitModule(
+        build_mlp(28, 1, width=16, depth=1),
+        task="binary",
+        num_classes=2,
+        optimizer=OPT,
+        scheduler=SCHED,
+        steps_per_epoch=len(dm.train_dataloader()),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        callbacks=[
+            EpochHistory(),
+            RestoreBestWeights(),
+            EarlyStopping(monitor="val/loss", patience=10**6, check_finite=False),
+        ],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10**9,
+        deterministic=True,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return time.perf_counter() - start
+
+
+def default_dataloader_epoch(dm: ArrayDataModule, repeats: int) -> tuple[float, float]:
+    """Seconds to iterate the training split: tensor slices vs a default DataLoader."""
+    x, y = dm.tensors["train"]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=500, shuffle=True
+    )
+    fast = TensorBatches(x, y, 500, shuffle=True)
+    timings = []
+    for batches in (fast, loader):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for _batch in batches:
+                pass
+        timings.append(time.perf_counter() - start)
+    return timings[0], timings[1]
+
+
+def dropout_step(dropout: nn.Module, repeats: int) -> float:
+    """Seconds for forward+backward of the 512x4 model with the given dropout module."""
+    torch.manual_seed(0)
+    model = build_mlp(28, 1, width=512, depth=4, dropout=0.5)
+    layers = [dropout if isinstance(m, FastDropout) else m for m in model]
+    model = nn.Sequential(*layers).train()
+    x, y = torch.randn(500, 28), torch.randint(0, 2, (500,)).float()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        data_loss("binary", model(x), y).backward()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        dm = _higgs(Path(tmp))
+        plain_loop(dm, 3)  # warm-up both paths
+        lightning_loop(dm, 3)
+        plain, light = [], []
+        for _ in range(args.rounds):  # interleaved, so drift hits both sides alike
+            plain.append(plain_loop(dm, args.epochs))
+            light.append(lightning_loop(dm, args.epochs))
+        fast, default = default_dataloader_epoch(dm, 50)
+    p, li = statistics.median(plain), statistics.median(light)
+    ratios = sorted(b / a for a, b in zip(plain, light, strict=True))
+    print(f"tiny HIGGS model, {args.epochs} epochs x {args.rounds} interleaved rounds, 1 thread:")
+    print(f"  plain torch loop   {1000 * p / args.epochs:7.2f} ms/epoch (median)")
+    print(f"  Lightning loop     {1000 * li / args.epochs:7.2f} ms/epoch (median)")
+    print(
+        f"  ratio Lightning / plain: median of rounds {statistics.median(ratios):.2f}x, "
+        f"best-of-each {min(light) / min(plain):.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x "
+        "(target <= 1.3x)"
+    )
+    print(f"  default DataLoader / tensor batches (iteration only) = {default / fast:.1f}x")
+    nn_drop = statistics.median(dropout_step(nn.Dropout(0.5), 20) for _ in range(3))
+    fast_drop = statistics.median(dropout_step(FastDropout(0.5), 20) for _ in range(3))
+    print(f"  512x4 fwd+bwd: nn.Dropout / FastDropout = {nn_drop / fast_drop:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

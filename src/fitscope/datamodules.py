@@ -1,0 +1,146 @@
+"""Lightning DataModule over the split arrays: whole splits live in tensors.
+
+Batches are tensor slices of a per-epoch permutation, not per-sample
+``Dataset.__getitem__`` calls through a default DataLoader (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from fitscope.data import load_split
+from fitscope.errors import FitscopeError
+from fitscope.fileio import sha256_file
+
+
+class TensorBatches:
+    """Iterate over ``(x, y)`` in batches; reshuffled every epoch when ``shuffle``."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        augment_shift: int = 0,
+    ) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.shuffle, self.augment_shift = shuffle, augment_shift
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        x, y = self.x, self.y
+        if self.shuffle:
+            order = torch.randperm(len(y), generator=self.generator)
+            x, y = x[order], y[order]
+        if self.augment_shift:
+            x = shift_images(x, self.augment_shift, self.generator)
+        for start in range(0, len(y), self.batch_size):
+            yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+
+
+def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each flattened 28x28 image by up to ``max_shift`` pixels (zero fill)."""
+    n = len(x)
+    images = x.view(n, 28, 28)
+    pad = torch.nn.functional.pad(images, (max_shift,) * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(28)[None, :])[:, :, None]  # (n, 28, 1)
+    cols = (dx[:, None] + torch.arange(28)[None, :])[:, None, :]  # (n, 1, 28)
+    shifted = pad[torch.arange(n)[:, None, None], rows, cols]
+    return shifted.reshape(n, -1)
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    """Train/val/test splits of one dataset written by the DVC split stage."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        task: str,
+        batch_size: int,
+        train_size: int | None = None,
+        augment_shift: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.task, self.batch_size, self.train_size = task, batch_size, train_size
+        self.augment_shift, self.seed = augment_shift, seed
+        self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.data_dir / "manifest.json"
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            raise FitscopeError(
+                f"no data split in {self.data_dir}. Fix: run the data stages first "
+                "(`dvc repro split_higgs split_mnist`)"
+            )
+        return json.loads(self.manifest_path.read_text())
+
+    def manifest_sha256(self) -> str:
+        return sha256_file(self.manifest_path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tensors:
+            return
+        self.manifest()
+        for split in ("train", "val", "test"):
+            x, y = load_split(self.data_dir, split)
+            if split == "train" and self.train_size is not None:
+                if self.train_size > len(y):
+                    raise FitscopeError(
+                        f"data.train_size={self.train_size} but the training split has "
+                        f"{len(y)} rows. Fix: lower data.train_size or enlarge the split"
+                    )
+                x, y = x[: self.train_size], y[: self.train_size]
+            y_t = torch.from_numpy(np.array(y))
+            y_t = y_t.float() if self.task == "binary" else y_t.long()
+            self.tensors[split] = (torch.from_numpy(np.array(x, dtype=np.float32)), y_t)
+        n_train = len(self.tensors["train"][1])
+        if self.batch_size > n_train:
+            raise FitscopeError(
+                f"data.batch_size={self.batch_size} is larger than the {n_train} training rows. "
+                "Fix: lower data.batch_size"
+            )
+
+    def _batches(self, split: str, *, train: bool = False) -> TensorBatches:
+        x, y = self.tensors[split]
+        return TensorBatches(
+            x,
+            y,
+            self.batch_size,
+            shuffle=train,
+            seed=self.seed,
+            augment_shift=self.augment_shift if train else 0,
+        )
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val")
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test")
+
+    @property
+    def num_features(self) -> int:
+        return int(self.tensors["train"][0].shape[1])

@@ -1,0 +1,364 @@
+"""Training entry point: ``python -m fitscope.train [overrides]`` (``-m`` for sweeps).
+
+Compose config -> validate -> seed -> data -> model -> Lightning fit with early
+stopping and best-weight restore -> outputs + MLflow run. Returns the objective
+(a finite float) for Hydra sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from fitscope.config import check_choice, check_number
+from fitscope.errors import FitscopeError
+from fitscope.fileio import atomic_path, write_json
+
+log = logging.getLogger("fitscope.train")
+
+
+def _conf_dir() -> str:
+    """``./conf`` when run from a fitscope checkout, else the package's own checkout."""
+    here = Path.cwd() / "conf"
+    if (here / "train.yaml").is_file():
+        return str(here)
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse a bad composed config before any work starts (one clear error)."""
+    check_choice("data.name", cfg.data.name, ("higgs", "mnist"))
+    check_choice("data.task", cfg.data.task, ("binary", "multiclass"))
+    check_number("data.batch_size", cfg.data.batch_size, low=1, integer=True)
+    check_number("data.train_size", cfg.data.train_size, low=1, integer=True, allow_none=True)
+    from fitscope.models import ACTIVATIONS, INITS
+
+    check_number("model.width", cfg.model.width, low=1, integer=True)
+    check_number("model.depth", cfg.model.depth, low=0, integer=True)
+    check_choice("model.activation", cfg.model.activation, tuple(ACTIVATIONS))
+    check_choice("model.init", cfg.model.init, INITS)
+    reg = cfg.regularization
+    check_number("regularization.l2", reg.l2, low=0.0)
+    check_number("regularization.dropout", reg.dropout, low=0.0, high=1.0, high_open=True)
+    check_number("regularization.augment_shift", reg.augment_shift, low=0, high=8, integer=True)
+    if reg.augment_shift and cfg.data.name != "mnist":
+        raise FitscopeError(
+            "regularization.augment_shift applies to MNIST images only. "
+            "Fix: use data=mnist or regularization=none"
+        )
+    check_choice("optimizer.name", cfg.optimizer.name, ("adam", "sgd"))
+    check_number("optimizer.lr", cfg.optimizer.lr, low=0.0)
+    if not cfg.optimizer.lr > 0:
+        raise FitscopeError("optimizer.lr must be > 0. Fix: set a positive learning rate")
+    check_choice("scheduler.name", cfg.scheduler.name, ("inverse_time", "none"))
+    if cfg.scheduler.name == "inverse_time":
+        check_number("scheduler.decay_epochs", cfg.scheduler.decay_epochs, low=1)
+    es = cfg.callbacks.early_stopping
+    check_choice("callbacks.early_stopping.mode", es.mode, ("min", "max"))
+    check_number("callbacks.early_stopping.patience", es.patience, low=1, integer=True)
+    check_number("callbacks.early_stopping.min_delta", es.min_delta, low=0.0)
+    check_choice("trainer.accelerator", cfg.trainer.accelerator, ("cpu", "gpu", "auto"))
+    check_number("trainer.max_epochs", cfg.trainer.max_epochs, low=1, integer=True)
+    check_number("trainer.num_threads", cfg.trainer.num_threads, low=1, integer=True)
+    check_choice("logger.name", cfg.logger.name, ("mlflow", "none"))
+    check_choice("objective", cfg.objective, ("val/loss", "val/acc", "val/auroc"))
+    if cfg.objective == "val/auroc" and cfg.data.task != "binary":
+        raise FitscopeError("objective=val/auroc needs a binary task. Fix: use val/loss or val/acc")
+
+
+def _job_info() -> dict[str, str]:
+    """Hydra sweep id / job number when running inside a multirun."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return {}
+    if hc.mode != RunMode.MULTIRUN:
+        return {}
+    return {"fitscope.sweep_dir": str(hc.sweep.dir), "fitscope.job_num": str(hc.job.num)}
+
+
+def _run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without run-specific keys (what the config hash covers)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("paths", "force", "tracking"):
+        resolved.pop(key, None)
+    return resolved
+
+
+def train(cfg: DictConfig) -> float:
+    """Train one variant; return the objective at the selected (best or last) epoch."""
+    validate(cfg)
+
+    from fitscope import tracking
+    from fitscope.datamodules import ArrayDataModule
+
+    run_dir = Path(cfg.paths.run_dir)
+    run_cfg = _run_config(cfg)
+    chash = tracking.config_hash(run_cfg)
+    dm = ArrayDataModule(
+        cfg.data.dir,
+        task=cfg.data.task,
+        batch_size=cfg.data.batch_size,
+        train_size=cfg.data.train_size,
+        augment_shift=cfg.regularization.augment_shift,
+        seed=cfg.seed,
+    )
+    manifest_sha = dm.manifest_sha256() if dm.manifest_path.exists() else None
+    dm.setup()
+
+    tracker = None
+    if cfg.logger.name == "mlflow":
+        client = tracking.get_client()
+        exp_id = tracking.ensure_experiment(client, cfg.study)
+        if not cfg.force:
+            done = tracking.find_finished_run(client, exp_id, chash)
+            if done is not None:
+                value = done.data.metrics.get(f"best/{cfg.objective}")
+                log.info(
+                    "skipping %s: run %s already finished with this config (force=true re-runs it)",
+                    cfg.variant,
+                    done.info.run_id,
+                )
+                return _finite(value, cfg.objective)
+        commit, dirty = tracking.git_state()
+        tags = {
+            "fitscope.variant": cfg.variant,
+            "fitscope.dataset": cfg.data.name,
+            "fitscope.study": cfg.study,
+            "fitscope.config_hash": chash,
+            "fitscope.data_manifest_sha256": manifest_sha or "none",
+            "mlflow.source.git.commit": commit,
+            "fitscope.git_dirty": str(dirty).lower(),
+            **_job_info(),
+        }
+        parent = os.environ.get(tracking.PARENT_ENV)
+        if not parent and cfg.tracking.parent_key:
+            parent = tracking.find_or_create_parent(
+                client, exp_id, cfg.tracking.parent_key, run_name=f"{cfg.study}"
+            )
+        if parent:
+            tags[tracking.PARENT_TAG] = parent
+        tracker = tracking.RunTracker.create(
+            client, exp_id, cfg.variant, tracking.flatten(run_cfg), tags
+        )
+
+    try:
+        result = _fit(cfg, dm, run_dir, tracker)
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    if tracker is not None:
+        tracker.set_tags({"fitscope.run_id": tracker.run_id})
+    return result
+
+
+def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    from fitscope.models import ProbabilityModel, build_mlp, count_parameters
+    from fitscope.tracking import MlflowEpochLogger
+    from fitscope.training import EpochHistory, FitModule, RestoreBestWeights
+
+    torch.set_num_threads(cfg.trainer.num_threads)
+    # Lightning's start-up banners (GPU available, tips) add nothing to our logs.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    num_outputs = 1 if cfg.data.task == "binary" else cfg.data.num_classes
+    reg = cfg.regularization
+    mlp = build_mlp(
+        dm.num_features,
+        num_outputs,
+        width=cfg.model.width,
+        depth=cfg.model.depth,
+        activation=cfg.model.activation,
+        dropout=reg.dropout,
+        batchnorm=reg.batchnorm,
+        init=cfg.model.init,
+    )
+    steps = len(dm.train_dataloader())
+    module = FitModule(
+        mlp,
+        task=cfg.data.task,
+        num_classes=cfg.data.num_classes,
+        l2=reg.l2,
+        l2_include_output=reg.l2_include_output,
+        optimizer=OmegaConf.to_container(cfg.optimizer),
+        scheduler=OmegaConf.to_container(cfg.scheduler),
+        steps_per_epoch=steps,
+    )
+    es_cfg = cfg.callbacks.early_stopping
+    history = EpochHistory()
+    callbacks: list[pl.Callback] = [history]
+    restore = None
+    if es_cfg.restore_best_weights:
+        restore = RestoreBestWeights(es_cfg.monitor, es_cfg.mode, es_cfg.min_delta)
+        callbacks.append(restore)
+    early = None
+    if es_cfg.enabled:
+        early = EarlyStopping(
+            monitor=es_cfg.monitor,
+            mode=es_cfg.mode,
+            patience=es_cfg.patience,
+            min_delta=es_cfg.min_delta,
+            check_finite=False,
+        )
+        callbacks.append(early)
+    if tracker is not None:
+        callbacks.append(MlflowEpochLogger(tracker, history, every=cfg.logger.flush_every))
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        max_epochs=cfg.trainer.max_epochs,
+        deterministic=cfg.trainer.deterministic,
+        precision=cfg.trainer.precision,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.callbacks.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10**9,
+        default_root_dir=str(run_dir),
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    wall = time.perf_counter() - started
+    if not history.rows:
+        raise FitscopeError("training produced no epochs. Fix: check trainer.max_epochs")
+
+    # The selected epoch is the restored best one, or the last one without restore.
+    selected = history.rows[-1]["epoch"]
+    if restore is not None and restore.best_epoch is not None:
+        selected = restore.best_epoch
+    row = next(r for r in history.rows if r["epoch"] == selected)
+    stopped = history.rows[-1]["epoch"]
+    summary = {
+        "best_epoch": selected,
+        "stopped_epoch": stopped,
+        "early_stopped": float(early is not None and early.stopped_epoch > 0),
+        "epochs_run": len(history.rows),
+        "wall_time_s": wall,
+        "params": count_parameters(mlp),
+        **{f"best/{k}": v for k, v in row.items() if k != "epoch"},
+        "best/gap_loss": row["val/loss"] - row["train/loss"],
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    history.write_csv(run_dir / "history.csv")
+    model_cpu = mlp.to("cpu").eval()
+    if cfg.callbacks.checkpoint.save_best:
+        with atomic_path(run_dir / "model.pt") as tmp:
+            torch.save(
+                {
+                    "state_dict": model_cpu.state_dict(),
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                },
+                tmp,
+            )
+    metrics_out = {k.replace("/", "_"): v for k, v in summary.items()}
+    if tracker is not None:
+        metrics_out["mlflow_run_id"] = tracker.run_id
+        tracker.log_summary(summary)
+        if (run_dir / ".hydra").is_dir():
+            tracker.log_artifacts(run_dir / ".hydra", "hydra")
+    write_json(run_dir / "metrics.json", metrics_out)
+    if tracker is not None:
+        if cfg.logger.log_model:
+            example = dm.tensors["val"][0][:5].numpy()
+            tracker.log_model(
+                ProbabilityModel(model_cpu, cfg.data.task),
+                example,
+                registered_name=cfg.logger.registered_model,
+            )
+        tracker.finish()
+    log.info(
+        "%s: best epoch %d, %s=%.4f (stopped at %d, %.1fs)",
+        cfg.variant,
+        selected,
+        cfg.objective,
+        row[cfg.objective],
+        stopped,
+        wall,
+    )
+    return _finite(row[cfg.objective], cfg.objective)
+
+
+def _finite(value: float | None, name: str) -> float:
+    """Sweepers crash on NaN or non-floats: always hand back a finite Python float."""
+    if value is None or not math.isfinite(value):
+        raise FitscopeError(f"{name} is not a finite number ({value}). Fix: see the run's log")
+    return float(value)
+
+
+class MlflowSweepCallback(Callback):
+    """Groups a multirun's jobs under one MLflow parent run (created before any job)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.logger.name != "mlflow":
+            return
+        from fitscope import tracking
+
+        client = tracking.get_client()
+        exp_id = tracking.ensure_experiment(client, config.study)
+        overrides = list(config.hydra.overrides.task)
+        sweep_cfg = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+        key = tracking.config_hash(
+            {"study": config.study, "overrides": sorted(overrides), "sweeper": sweep_cfg}
+        )
+        parent = tracking.find_or_create_parent(
+            client,
+            exp_id,
+            key,
+            run_name=f"{config.study}-sweep",
+            tags={"fitscope.study": config.study, "fitscope.overrides": " ".join(overrides)},
+        )
+        # Jobs (also joblib/loky workers, started after this hook) inherit the variable.
+        os.environ[tracking.PARENT_ENV] = parent
+        log.info("MLflow parent run %s in experiment %r", parent, config.study)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from fitscope import tracking
+
+        parent = os.environ.pop(tracking.PARENT_ENV, None)
+        if parent:
+            tracking.close_parent(tracking.get_client(), parent, config.objective)
+
+
+def worst_value(objective: str) -> float:
+    """What a failed sweep job reports: never NaN (it crashes the Optuna sweeper)."""
+    return math.inf if objective.endswith("loss") else -math.inf
+
+
+@hydra.main(config_path=_conf_dir(), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float:
+    from fitscope.cli import run_cli
+
+    if _job_info():
+        # In a sweep one failed job must not crash the others: log it, report the worst value.
+        try:
+            return train(cfg)
+        except FitscopeError as exc:
+            log.error("fitscope: error: %s", exc)
+            return worst_value(cfg.objective)
+    return run_cli(lambda: train(cfg))
+
+
+def main() -> None:
+    """Console script ``fitscope-train``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

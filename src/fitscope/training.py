@@ -1,0 +1,234 @@
+"""The LightningModule, its metrics, and the callbacks that watch training."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    multiclass_accuracy,
+)
+
+from fitscope.errors import FitscopeError
+from fitscope.fileio import atomic_path
+from fitscope.models import l2_penalty
+
+
+def data_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits (binary) or cross-entropy (multiclass), without any penalty."""
+    if task == "binary":
+        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), targets)
+    return F.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def classification_metrics(
+    task: str, logits: torch.Tensor, targets: torch.Tensor, num_classes: int
+) -> dict[str, float]:
+    """Loss, accuracy (and AUROC for binary) with torchmetrics, on probabilities.
+
+    Binary accuracy thresholds the probability at 0.5 (Keras' ``accuracy`` on a
+    logit output thresholds the logit instead, a known quirk not reproduced).
+    """
+    loss = data_loss(task, logits, targets).item()
+    if task == "binary":
+        probs = torch.sigmoid(logits.squeeze(-1))
+        target = targets.long()
+        return {
+            "loss": loss,
+            "acc": binary_accuracy(probs, target).item(),
+            "auroc": binary_auroc(probs, target, thresholds=None).item(),
+        }
+    probs = torch.softmax(logits, dim=-1)
+    return {
+        "loss": loss,
+        "acc": multiclass_accuracy(probs, targets, num_classes=num_classes, average="micro").item(),
+    }
+
+
+class NonFiniteLossError(FitscopeError):
+    """The training loss became NaN or infinite."""
+
+
+class FitModule(pl.LightningModule):
+    """Trains an MLP on binary (BCE) or multiclass (CE) targets with an optional L2 kernel penalty.
+
+    Metrics are computed once per epoch from the collected outputs (no per-step
+    logging), which keeps Lightning's overhead close to a plain loop.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        task: str,
+        num_classes: int,
+        l2: float = 0.0,
+        l2_include_output: bool = False,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        steps_per_epoch: int,
+        monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task, self.num_classes = task, num_classes
+        self.l2, self.l2_include_output = l2, l2_include_output
+        self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
+        self.steps_per_epoch = steps_per_epoch
+        self.monitor = monitor
+        self._train_out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._penalty_sum = torch.zeros(())
+        self.epoch_metrics: dict[str, float] = {}
+        # Manual optimization: one plain zero_grad/backward/step per batch. Lightning's
+        # automatic closure machinery costs more than the whole step of a tiny MLP.
+        self.automatic_optimization = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        logits = self.model(x)
+        loss = data_loss(self.task, logits, y)
+        self._train_out.append((logits.detach(), y))
+        if self.l2:
+            penalty = l2_penalty(self.model, self.l2, include_output=self.l2_include_output)
+            self._penalty_sum = self._penalty_sum + penalty.detach()
+            loss = loss + penalty
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self._val_out.append((self.model(x), y))
+
+    def on_validation_epoch_end(self) -> None:
+        # Validation runs after every training epoch: both splits are summarised here so
+        # every callback sees one complete row of metrics at `on_validation_end`.
+        if self.trainer.sanity_checking:
+            self._val_out.clear()
+            return
+        metrics = {f"val/{k}": v for k, v in self._summarise(self._val_out).items()}
+        if self._train_out:
+            n_batches = len(self._train_out)
+            metrics.update({f"train/{k}": v for k, v in self._summarise(self._train_out).items()})
+            metrics["train/l2_penalty"] = (self._penalty_sum / n_batches).item()
+            metrics["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self._train_out.clear()
+            self._penalty_sum = torch.zeros(())
+            self.epoch_metrics = {"epoch": self.current_epoch, **metrics}
+            if not math.isfinite(metrics["train/loss"]):
+                raise NonFiniteLossError(
+                    f"training loss became {metrics['train/loss']} in epoch {self.current_epoch}. "
+                    "Fix: lower optimizer.lr or the regularization strength"
+                )
+        self.epoch_metrics = {"epoch": self.current_epoch, **metrics}
+        # Only what callbacks monitor goes through self.log (it costs ~1 ms a key);
+        # the full row is in `epoch_metrics` for EpochHistory.
+        self.log(self.monitor, metrics[self.monitor], on_epoch=True, logger=False)
+
+    def _summarise(self, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        logits = torch.cat([o[0] for o in outputs])
+        targets = torch.cat([o[1] for o in outputs])
+        outputs.clear()
+        return classification_metrics(
+            self.task, logits.float().cpu(), targets.cpu(), self.num_classes
+        )
+
+    def configure_optimizers(self):
+        opt = self.optimizer_cfg
+        if opt["name"] == "adam":
+            optimizer = torch.optim.Adam(
+                self.parameters(),
+                lr=opt["lr"],
+                betas=tuple(opt.get("betas", (0.9, 0.999))),
+                eps=opt.get("eps", 1e-7),
+            )
+        else:
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=opt["lr"], momentum=opt.get("momentum", 0.0)
+            )
+        if self.scheduler_cfg["name"] == "none":
+            return optimizer
+        decay_steps = self.scheduler_cfg["decay_epochs"] * self.steps_per_epoch
+        # Keras InverseTimeDecay: lr0 / (1 + step / decay_steps), updated every step.
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 1.0 / (1.0 + step / decay_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class EpochHistory(pl.Callback):
+    """Collects one row of metrics per epoch and writes them as CSV (for `dvc plots`)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: FitModule) -> None:
+        if not trainer.sanity_checking and pl_module.epoch_metrics:
+            self.rows.append(dict(pl_module.epoch_metrics))
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: FitModule, exception: BaseException
+    ) -> None:
+        # Keep the row of the epoch that failed (e.g. a NaN loss) for the record.
+        row = pl_module.epoch_metrics
+        if row and (not self.rows or self.rows[-1]["epoch"] != row["epoch"]):
+            self.rows.append(dict(row))
+
+    def write_csv(self, path) -> None:
+        if not self.rows:
+            return
+        columns = list(self.rows[0])
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+class RestoreBestWeights(pl.Callback):
+    """Keeps a copy of the weights of the best epoch and loads them when training ends.
+
+    Lightning's EarlyStopping has no ``restore_best_weights``; this is that, with the
+    same improvement rule (better than the best by more than ``min_delta``).
+    """
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", min_delta: float = 0.0):
+        self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _improved(self, value: float) -> bool:
+        if self.best_score is None:
+            return math.isfinite(value)
+        if self.mode == "min":
+            return value < self.best_score - self.min_delta
+        return value > self.best_score + self.min_delta
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        if self._improved(value):
+            self.best_score, self.best_epoch = value, trainer.current_epoch
+            self.best_state = copy.deepcopy(pl_module.state_dict())
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.best_state is not None:
+            pl_module.load_state_dict(self.best_state)

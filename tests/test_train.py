@@ -1,0 +1,264 @@
+"""The training entry point: Hydra config -> Lightning -> outputs + MLflow run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose
+
+from fitscope import tracking
+from fitscope.errors import FitscopeError
+from fitscope.models import ProbabilityModel, build_mlp
+from fitscope.train import train, validate
+
+
+def debug_cfg(processed_dir, run_dir, *overrides):
+    return compose(
+        "trainer=debug", f"paths.data_dir={processed_dir}", f"paths.run_dir={run_dir}", *overrides
+    )
+
+
+def only_run(client, study):
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
+    cfg = debug_cfg(
+        processed_dir, tmp_path / "run", "model=small", "regularization=l2", "study=t_higgs"
+    )
+    value = train(cfg)
+    client = tracking.get_client()
+    run = only_run(client, "t_higgs")
+    assert run.info.status == "FINISHED" and run.info.run_name == "small-l2"
+    p, tags, m = run.data.params, run.data.tags, run.data.metrics
+    assert p["model.width"] == "16" and p["regularization.l2"] == "0.001"
+    assert p["optimizer.name"] == "adam" and p["data.batch_size"] == "500"
+    for key in (
+        "fitscope.variant",
+        "fitscope.dataset",
+        "fitscope.config_hash",
+        "fitscope.data_manifest_sha256",
+        "mlflow.source.git.commit",
+        "fitscope.git_dirty",
+    ):
+        assert tags[key], key
+    assert tags["fitscope.dataset"] == "higgs"
+    history = client.get_metric_history(run.info.run_id, "val/loss")
+    assert [h.step for h in history] == [0, 1, 2]
+    assert m["train/l2_penalty"] > 0
+    assert value == pytest.approx(m["best/val/loss"])
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["mlflow_run_id"] == run.info.run_id
+    assert summary["best_gap_loss"] == pytest.approx(
+        summary["best_val_loss"] - summary["best_train_loss"]
+    )
+    assert (tmp_path / "run" / "history.csv").read_text().count("\n") == 4
+
+    # The logged model predicts exactly what the saved best weights predict.
+    import mlflow
+
+    x = np.load(processed_dir / "higgs" / "val_x.npy")[:64]
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    mlp = build_mlp(28, 1, width=16, depth=2)
+    mlp.load_state_dict(saved["state_dict"])
+    expected = ProbabilityModel(mlp.eval(), "binary")(torch.from_numpy(x)).detach().numpy()
+    model_uri = f"runs:/{run.info.run_id}/model"
+    mlflow.set_tracking_uri(mlflow_uri)
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    np.testing.assert_allclose(np.asarray(loaded.predict(x)), expected, rtol=1e-5, atol=1e-6)
+    assert ((expected >= 0) & (expected <= 1)).all()
+
+
+def test_mnist_debug_run(processed_dir, tmp_path, mlflow_uri):
+    cfg = debug_cfg(
+        processed_dir,
+        tmp_path / "run",
+        "+experiment=mnist_weight_decay",
+        "trainer.max_epochs=2",
+        "study=t_mnist",
+        "regularization=weight_decay",
+    )
+    value = train(cfg)
+    run = only_run(tracking.get_client(), "t_mnist")
+    assert run.data.params["optimizer.name"] == "sgd"
+    assert run.data.params["data.train_size"] == "300"
+    assert run.data.params["regularization.l2_include_output"] == "True"
+    assert run.data.metrics["best_epoch"] == 1  # no restore: the last epoch is reported
+    assert value == pytest.approx(run.data.metrics["best/val/acc"])
+    assert 0.0 <= value <= 1.0
+
+
+def test_finished_config_is_skipped_unless_forced(processed_dir, tmp_path, mlflow_uri, caplog):
+    cfg = debug_cfg(processed_dir, tmp_path / "run", "study=t_skip", "logger.log_model=false")
+    first = train(cfg)
+    with caplog.at_level("INFO", logger="fitscope.train"):
+        again = train(cfg)
+    assert again == first
+    assert "already finished with this config" in caplog.text
+    client = tracking.get_client()
+    exp = client.get_experiment_by_name("t_skip").experiment_id
+    assert len(client.search_runs([exp])) == 1
+    train(
+        debug_cfg(
+            processed_dir, tmp_path / "run", "study=t_skip", "logger.log_model=false", "force=true"
+        )
+    )
+    assert len(client.search_runs([exp])) == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model=huge", None),
+        ("regularization.dropout=1.0", "regularization.dropout=1.0 must be < 1.0"),
+        ("regularization.l2=-0.1", "regularization.l2=-0.1 must be >= 0.0"),
+        ("model.activation=swish", "model.activation='swish' is not valid"),
+        ("optimizer.lr=0", "optimizer.lr must be > 0"),
+        ("regularization=augment", "augment_shift applies to MNIST images only"),
+        ("callbacks.early_stopping.patience=0", "patience=0 must be >= 1"),
+    ],
+)
+def test_invalid_config_is_refused_before_any_work(override, message, processed_dir, tmp_path):
+    if message is None:  # an unknown group option is refused by Hydra itself
+        from hydra.errors import MissingConfigException
+
+        with pytest.raises(MissingConfigException):
+            debug_cfg(processed_dir, tmp_path, override)
+        return
+    with pytest.raises(FitscopeError, match=message.replace("(", r"\(")):
+        validate(debug_cfg(processed_dir, tmp_path, override))
+
+
+def run_train(args, cwd, env):
+    return subprocess.run(
+        [sys.executable, "-m", "fitscope.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def train_env(tmp_path, mlflow_uri):
+    import os
+
+    return {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+
+
+def test_cli_batch_size_too_large_is_one_line_and_nothing_is_logged(
+    processed_dir, tmp_path, train_env
+):
+    proc = run_train(
+        [f"paths.data_dir={processed_dir}", "data.batch_size=50000"], tmp_path, train_env
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        "fitscope: error: data.batch_size=50000 is larger than the 8984 training "
+        "rows. Fix: lower data.batch_size"
+    )
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_marks_the_run_failed_and_exits_nonzero(processed_dir, tmp_path, train_env):
+    proc = run_train(
+        [
+            f"paths.data_dir={processed_dir}",
+            "trainer=debug",
+            "study=t_nan",
+            "optimizer=sgd",
+            "optimizer.lr=1e12",
+            "scheduler=none",
+            "model=large",
+        ],
+        tmp_path,
+        train_env,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "fitscope: error: training loss became nan" in proc.stderr
+    client = tracking.get_client()
+    run = only_run(client, "t_nan")
+    assert run.info.status == "FAILED"
+    assert "training loss became nan" in run.data.tags["fitscope.failure"]
+    assert math.isnan(client.get_metric_history(run.info.run_id, "train/loss")[-1].value)
+
+
+@pytest.mark.slow
+def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, train_env):
+    args = [
+        "-m",
+        f"paths.data_dir={processed_dir}",
+        "trainer=debug",
+        "study=t_sweep",
+        "model=tiny,small",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "logger.log_model=false",
+    ]
+    proc = run_train(args, tmp_path, train_env)
+    assert proc.returncode == 0, proc.stderr
+    client = tracking.get_client()
+    exp = client.get_experiment_by_name("t_sweep").experiment_id
+    runs = client.search_runs([exp])
+    parents = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and len(children) == 2
+    assert parents[0].info.status == "FINISHED"
+    assert {c.data.tags[tracking.PARENT_TAG] for c in children} == {parents[0].info.run_id}
+    assert {c.info.run_name for c in children} == {"tiny-none", "small-none"}
+    assert sorted(c.data.tags["fitscope.job_num"] for c in children) == ["0", "1"]
+    for child in children:
+        assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 3
+    best = parents[0].data.tags["fitscope.best_run_id"]
+    assert best in {c.info.run_id for c in children}
+    # Re-running the same sweep (after a crash, say) skips both finished jobs and files
+    # them under the same parent run.
+    again = run_train(args, tmp_path, train_env)
+    assert again.returncode == 0, again.stderr
+    assert (again.stdout + again.stderr).count("already finished with this config") == 2
+    assert len(client.search_runs([exp])) == 3
+
+
+def _writer(args):
+    uri, exp_id, name = args
+    from fitscope import tracking as t
+
+    client = t.get_client(uri)
+    tracker = t.RunTracker.create(client, exp_id, name, {"worker": name}, {"fitscope.w": name})
+    rows = [
+        {"epoch": e, "train/loss": 1.0 / (e + 1), "val/loss": 2.0 / (e + 1)} for e in range(300)
+    ]
+    for start in range(0, 300, 25):  # batched like MlflowEpochLogger
+        tracker.log_rows(rows[start : start + 25])
+    tracker.finish()
+    return tracker.run_id
+
+
+@pytest.mark.slow
+def test_four_concurrent_writers_lose_nothing(tmp_path):
+    import multiprocessing as mp
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"  # a fresh store: creation races are locked
+    ctx = mp.get_context("spawn")
+    client = tracking.get_client(uri)
+    exp_id = tracking.ensure_experiment(client, "t_concurrent")
+    with ctx.Pool(4) as pool:
+        run_ids = pool.map(_writer, [(uri, exp_id, f"w{i}") for i in range(4)])
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        for key in ("train/loss", "val/loss"):
+            assert len(client.get_metric_history(run_id, key)) == 300

@@ -1,0 +1,140 @@
+"""Lightning module behaviour: metrics, early stopping and restoring the best weights."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping
+from torchmetrics.classification import BinaryAUROC
+
+from fitscope.datamodules import ArrayDataModule, TensorBatches, shift_images
+from fitscope.models import build_mlp
+from fitscope.training import EpochHistory, FitModule, RestoreBestWeights, classification_metrics
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+
+
+class Snapshots(pl.Callback):
+    """Test probe: the weights at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.states[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
+
+
+def fit(dm, *, epochs, lr, patience=None, width=64, depth=2):
+    torch.manual_seed(0)
+    module = FitModule(
+        build_mlp(28, 1, width=width, depth=depth),
+        task="binary",
+        num_classes=2,
+        optimizer={"name": "adam", "lr": lr, "eps": 1e-7},
+        scheduler={"name": "none"},
+        steps_per_epoch=len(dm.train_dataloader()),
+    )
+    history, restore, snaps = EpochHistory(), RestoreBestWeights(), Snapshots()
+    callbacks = [history, snaps, restore]
+    if patience:
+        callbacks.append(EarlyStopping(monitor="val/loss", patience=patience, check_finite=False))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, history, restore, snaps
+
+
+@pytest.fixture(scope="module")
+def small_higgs(processed_dir):
+    # 2,000 training rows make the 64x2 model overfit within a few epochs at lr 0.01.
+    dm = ArrayDataModule(processed_dir / "higgs", task="binary", batch_size=500, train_size=2000)
+    dm.setup()
+    return dm
+
+
+def test_restore_best_weights_loads_the_best_epoch(small_higgs):
+    module, history, restore, snaps = fit(small_higgs, epochs=12, lr=0.01)
+    val = [row["val/loss"] for row in history.rows]
+    best = min(range(len(val)), key=val.__getitem__)
+    assert restore.best_epoch == best
+    assert best < len(val) - 1, "the setting must overfit so that best != last"
+    now = module.state_dict()
+    for key, tensor in snaps.states[best].items():
+        torch.testing.assert_close(now[key], tensor)
+    assert not torch.equal(now["model.0.weight"], snaps.states[len(val) - 1]["model.0.weight"])
+
+
+def test_early_stopping_stops_after_patience(small_higgs):
+    _, history, restore, _ = fit(small_higgs, epochs=200, lr=0.01, patience=3)
+    epochs = len(history.rows)
+    assert epochs < 200
+    assert epochs - 1 - restore.best_epoch == 3  # stopped 3 epochs after the best one
+
+
+def test_history_rows_hold_train_and_val_metrics(small_higgs):
+    _, history, _, _ = fit(small_higgs, epochs=2, lr=1e-3, width=8, depth=1)
+    assert [r["epoch"] for r in history.rows] == [0, 1]
+    row = history.rows[-1]
+    for key in (
+        "train/loss",
+        "train/acc",
+        "train/auroc",
+        "val/loss",
+        "val/acc",
+        "val/auroc",
+        "train/l2_penalty",
+        "lr",
+    ):
+        assert math.isfinite(row[key]), key
+    assert row["train/l2_penalty"] == 0.0
+
+
+def test_metrics_use_probabilities_not_logits():
+    # Small logits all inside [0, 1]: read as probabilities, thresholding at 0.5 would give
+    # predictions [0, 1, 0, 0] and accuracy 0.75. As logits every probability is >= 0.5,
+    # so every prediction is 1 and the accuracy is the positive rate, 0.5.
+    logits = torch.tensor([[0.1], [0.9], [0.3], [0.2]])
+    targets = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    m = classification_metrics("binary", logits, targets, 2)
+    assert m["acc"] == pytest.approx(0.5)
+    assert m["auroc"] == pytest.approx(
+        BinaryAUROC()(torch.sigmoid(logits[:, 0]), targets.long()).item()
+    )
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], targets)
+    assert m["loss"] == pytest.approx(expected.item())
+
+
+def test_tensor_batches_cover_every_row_once_per_epoch():
+    x = torch.arange(1050, dtype=torch.float32)[:, None]
+    y = torch.arange(1050, dtype=torch.float32)
+    batches = TensorBatches(x, y, 500, shuffle=True, seed=1)
+    assert len(batches) == 3
+    for _ in range(2):
+        seen = torch.cat([b[1] for b in batches])
+        assert sorted(seen.tolist()) == list(range(1050))
+        assert [len(b[1]) for b in batches] == [500, 500, 50]
+    first, second = (torch.cat([b[1] for b in batches]) for _ in range(2))
+    assert not torch.equal(first, second)  # reshuffled every epoch
+
+
+def test_shift_images_moves_pixels_within_bounds():
+    img = torch.zeros(1, 28, 28)
+    img[0, 14, 14] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    shifted = shift_images(img.reshape(1, -1).repeat(50, 1), 2, gen).view(50, 28, 28)
+    assert torch.all(shifted.sum(dim=(1, 2)) == 1.0)  # one pixel, moved, never lost
+    pos = shifted.nonzero()[:, 1:]
+    assert pos.min() >= 12 and pos.max() <= 16
+    assert len({tuple(p.tolist()) for p in pos}) > 1
