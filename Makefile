@@ -21,9 +21,20 @@ $(STAMP): pyproject.toml
 		$(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) -e '.[dev]'
 	@touch $(STAMP)
 
+# `dvc exp run` records a commit for the experiment; on machines with no git identity
+# it gets a neutral one (only for that experiment, your git config is untouched).
+DEMO_GIT_ID := $(if $(shell git config user.email 2>/dev/null),,GIT_AUTHOR_NAME=fitscope-demo \
+	GIT_AUTHOR_EMAIL=demo@fitscope.invalid GIT_COMMITTER_NAME=fitscope-demo \
+	GIT_COMMITTER_EMAIL=demo@fitscope.invalid)
+
 demo: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@echo "fitscope demo done: data splits in data/processed/ (manifest.json per dataset)"
+	$(DEMO_GIT_ID) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run -S study.profile=quick
+	@echo
+	@echo "fitscope demo done (quick profile: shortened runs, labelled as such in the report)"
+	@echo "  report:     reports/study.md   (self-contained: reports/study.html)"
+	@echo "  DVC:        .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc exp show"
+	@echo "  MLflow UI:  .venv/bin/mlflow ui   then open http://127.0.0.1:5000"
+	@echo "  classic:    git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
 
 test: install
 	$(BIN)/python -m pytest

@@ -171,17 +171,16 @@ def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         **kwargs.pop("env", {}),
     }
+    env.pop("MLFLOW_TRACKING_URI", None)  # the pipeline uses the repository's own store
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-@pytest.fixture
-def repo_copy(tmp_path) -> Path:
-    """A fresh git repository holding the pipeline files, like a fresh clone."""
-    dest = tmp_path / "repo"
-    dest.mkdir()
+def make_repo_copy(dest: Path) -> Path:
+    """A fresh git repository at ``dest`` holding the pipeline files, like a fresh clone."""
+    dest.mkdir(parents=True)
     for name in PIPELINE_FILES:
         src = REPO / name
         if src.is_dir():
@@ -198,6 +197,11 @@ def repo_copy(tmp_path) -> Path:
     ):
         run(cmd, dest)
     return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    return make_repo_copy(tmp_path / "repo")
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,21 @@ def cmd_mirror(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from fitscope.evaluate import evaluate_variant
+
+    result = evaluate_variant(args.variant, args.runs, args.out)
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if not k.endswith("_std"))
+    print(f"evaluated {args.variant}: {shown}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from fitscope.report import write_study_report
+
+    path = write_study_report(load_params(args.params), args.runs, args.metrics, args.out)
+    print(f"report written to {path} (and {path.with_suffix('.html')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fitscope", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="DVC params file")
@@ -95,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--datasets", nargs="+", choices=["higgs", "mnist"], default=["higgs", "mnist"]
     )
     mirror.set_defaults(func=cmd_mirror)
+
+    evaluate = sub.add_parser("evaluate", help="score a trained variant on the test split")
+    evaluate.add_argument("variant")
+    evaluate.add_argument("--runs", default="runs")
+    evaluate.add_argument("--out", default="metrics")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    report = sub.add_parser("report", help="write reports/study.md and study.html")
+    report.add_argument("--runs", default="runs")
+    report.add_argument("--metrics", default="metrics")
+    report.add_argument("--out", default="reports")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,7 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
     from fitscope.training import EpochHistory, FitModule, RestoreBestWeights
 
     torch.set_num_threads(cfg.trainer.num_threads)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning-internal deprecation
     # Lightning's start-up banners (GPU available, tips) add nothing to our logs.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -198,6 +200,7 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
         optimizer=OmegaConf.to_container(cfg.optimizer),
         scheduler=OmegaConf.to_container(cfg.scheduler),
         steps_per_epoch=steps,
+        monitor=cfg.callbacks.early_stopping.monitor,
     )
     es_cfg = cfg.callbacks.early_stopping
     history = EpochHistory()
@@ -267,22 +270,23 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
                 },
                 tmp,
             )
-    metrics_out = {k.replace("/", "_"): v for k, v in summary.items()}
+    metrics_out: dict[str, Any] = {k.replace("/", "_"): v for k, v in summary.items()}
+    metrics_out["seed"] = cfg.seed
     if tracker is not None:
         metrics_out["mlflow_run_id"] = tracker.run_id
         tracker.log_summary(summary)
         if (run_dir / ".hydra").is_dir():
             tracker.log_artifacts(run_dir / ".hydra", "hydra")
-    write_json(run_dir / "metrics.json", metrics_out)
-    if tracker is not None:
         if cfg.logger.log_model:
-            example = dm.tensors["val"][0][:5].numpy()
-            tracker.log_model(
+            info = tracker.log_model(
                 ProbabilityModel(model_cpu, cfg.data.task),
-                example,
+                dm.tensors["val"][0][:5].numpy(),
                 registered_name=cfg.logger.registered_model,
             )
+            metrics_out["mlflow_model_uri"] = info.model_uri
         tracker.finish()
+    # Written last: a metrics.json means the run, its outputs and its tracking are complete.
+    write_json(run_dir / "metrics.json", metrics_out)
     log.info(
         "%s: best epoch %d, %s=%.4f (stopped at %d, %.1fs)",
         cfg.variant,
@@ -314,7 +318,9 @@ class MlflowSweepCallback(Callback):
         exp_id = tracking.ensure_experiment(client, config.study)
         overrides = list(config.hydra.overrides.task)
         sweep_cfg = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
-        key = tracking.config_hash(
+        # An explicit key (the DVC study sets one) groups several sweeps under one parent;
+        # otherwise the same sweep command finds its earlier parent again.
+        key = config.tracking.parent_key or tracking.config_hash(
             {"study": config.study, "overrides": sorted(overrides), "sweeper": sweep_cfg}
         )
         parent = tracking.find_or_create_parent(
@@ -332,8 +338,13 @@ class MlflowSweepCallback(Callback):
         from fitscope import tracking
 
         parent = os.environ.pop(tracking.PARENT_ENV, None)
-        if parent:
-            tracking.close_parent(tracking.get_client(), parent, config.objective)
+        if parent and tracking.close_parent(tracking.get_client(), parent,
+                                            config.objective) is None:
+            raise SystemExit(
+                f"fitscope: error: every job of the sweep failed (MLflow parent run {parent}; "
+                "each FAILED run has the reason in its fitscope.failure tag). Fix: see those "
+                "reasons, e.g. narrow the learning-rate range"
+            )
 
 
 def worst_value(objective: str) -> float:

@@ -1,0 +1,86 @@
+"""Score a variant's best model(s) on the held-out test split (the DVC evaluate stage)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fitscope.data import load_split
+from fitscope.errors import FitscopeError
+from fitscope.fileio import write_json
+from fitscope.models import build_mlp
+from fitscope.training import classification_metrics
+
+
+def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the MLP saved in ``run_dir/model.pt`` (best weights) and return its config."""
+    path = Path(run_dir) / "model.pt"
+    if not path.exists():
+        raise FitscopeError(f"{path} not found. Fix: run the train stage first (`dvc repro`)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = saved["config"]
+    outputs = 1 if cfg["data"]["task"] == "binary" else cfg["data"]["num_classes"]
+    reg, model = cfg["regularization"], cfg["model"]
+    mlp = build_mlp(
+        saved["state_dict"]["0.weight"].shape[1],
+        outputs,
+        width=model["width"],
+        depth=model["depth"],
+        activation=model["activation"],
+        dropout=reg["dropout"],
+        batchnorm=reg["batchnorm"],
+        init="torch_default",
+    )
+    mlp.load_state_dict(saved["state_dict"])
+    return mlp.eval(), cfg
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, float]:
+    """Test-split metrics of one trained run."""
+    mlp, cfg = load_trained(run_dir)
+    x, y = load_split(data_dir or cfg["data"]["dir"], "test")
+    targets = torch.from_numpy(np.array(y))
+    targets = targets.float() if cfg["data"]["task"] == "binary" else targets.long()
+    with torch.no_grad():
+        logits = mlp(torch.from_numpy(np.array(x, dtype=np.float32)))
+    return classification_metrics(cfg["data"]["task"], logits, targets, cfg["data"]["num_classes"])
+
+
+def seed_dirs(variant_dir: str | Path) -> list[Path]:
+    """The per-seed run directories of a variant (``runs/<variant>/<job>``)."""
+    dirs = sorted(p.parent for p in Path(variant_dir).glob("*/metrics.json"))
+    if not dirs:
+        raise FitscopeError(f"no trained runs in {variant_dir}. Fix: run `dvc repro` first")
+    return dirs
+
+
+def evaluate_variant(
+    variant: str, runs_root: str | Path = "runs", out_dir: str | Path = "metrics"
+) -> dict[str, Any]:
+    """Score every seed of ``variant``; write ``metrics/<variant>.json`` (mean, std, n)."""
+    per_seed = [evaluate_run(d) for d in seed_dirs(Path(runs_root) / variant)]
+    result: dict[str, Any] = {"seeds": len(per_seed)}
+    for key in per_seed[0]:
+        values = [m[key] for m in per_seed]
+        result[f"test_{key}"] = statistics.fmean(values)
+        result[f"test_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    _log_to_mlflow(seed_dirs(Path(runs_root) / variant), per_seed)
+    write_json(Path(out_dir) / f"{variant}.json", result)
+    return result
+
+
+def _log_to_mlflow(dirs: list[Path], per_seed: list[dict[str, float]]) -> None:
+    """Attach the test metrics to each seed's MLflow run (when it was tracked)."""
+    from fitscope.tracking import RunTracker, get_client
+
+    client = None
+    for run_dir, metrics in zip(dirs, per_seed, strict=True):
+        run_id = json.loads((run_dir / "metrics.json").read_text()).get("mlflow_run_id")
+        if run_id:
+            client = client or get_client()
+            RunTracker(client, run_id).log_summary({f"test/{k}": v for k, v in metrics.items()})

@@ -1,0 +1,242 @@
+"""Hyperparameter-search report: ``python -m fitscope.report.search <study or parent run id>``.
+
+Writes ``reports/search/<study>/``: the top trials' validation-accuracy curves,
+a scatter of log10 learning rate vs log10 weight decay coloured by the
+objective, a table of the top trials, and (when the other sampler's search of
+the same budget exists) the best objective reached after N trials, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fitscope.errors import FitscopeError
+from fitscope.fileio import atomic_path
+from fitscope.tracking import PARENT_TAG, TAG, get_client
+
+PAIRS = {"mnist_search_random": "mnist_search_tpe", "mnist_search_tpe": "mnist_search_random"}
+OBJECTIVE = "best/val/acc"
+
+
+@dataclass
+class Trial:
+    run_id: str
+    number: int
+    status: str
+    lr: float
+    weight_decay: float  # lambda in 0.5 * lambda * sum(W^2), i.e. 2 * regularization.l2
+    objective: float | None
+    best_epoch: int | None
+
+
+def find_parent(client, name_or_id: str):
+    """The newest parent run of study ``name_or_id``, or the run with that id."""
+    if re.fullmatch(r"[0-9a-f]{32}", name_or_id):
+        return client.get_run(name_or_id)
+    exp = client.get_experiment_by_name(name_or_id)
+    if exp is None:
+        raise FitscopeError(
+            f"no MLflow experiment or run {name_or_id!r}. Fix: run the search "
+            "first (`python -m fitscope.train -m hparams_search=mnist_random`)"
+        )
+    parents = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{TAG}role` = 'parent'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not parents:
+        raise FitscopeError(
+            f"experiment {name_or_id!r} has no search parent run. Fix: run the "
+            "search with `-m` so its trials are grouped"
+        )
+    return parents[0]
+
+
+def load_trials(client, parent) -> list[Trial]:
+    """Every child run of the search, in trial order."""
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+        max_results=5000,
+    )
+    trials = []
+    for run in runs:
+        p, m = run.data.params, run.data.metrics
+        trials.append(
+            Trial(
+                run_id=run.info.run_id,
+                number=int(run.data.tags.get(f"{TAG}job_num", -1)),
+                status=run.info.status,
+                lr=float(p["optimizer.lr"]),
+                weight_decay=2 * float(p["regularization.l2"]),
+                objective=m.get(OBJECTIVE) if run.info.status == "FINISHED" else None,
+                best_epoch=int(m["best_epoch"]) if "best_epoch" in m else None,
+            )
+        )
+    return sorted(trials, key=lambda t: (t.number, t.run_id))
+
+
+def best_so_far(trials: list[Trial]) -> list[float]:
+    """Best objective after each trial (failed trials keep the previous best)."""
+    best, out = -math.inf, []
+    for t in trials:
+        if t.objective is not None:
+            best = max(best, t.objective)
+        out.append(best)
+    return out
+
+
+def _plots(
+    client, study: str, trials: list[Trial], other: list[Trial] | None, out: Path, top: list[Trial]
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        names.append(name)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for rank, t in enumerate(top):
+        hist = client.get_metric_history(t.run_id, "val/acc")
+        steps = sorted((h.step, h.value) for h in hist)
+        ax.plot(
+            [s + 1 for s, _ in steps],
+            [v for _, v in steps],
+            lw=1,
+            label=f"#{t.number} lr={t.lr:.1e} wd={t.weight_decay:.1e}" if rank < 5 else None,
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{study}: validation accuracy of the top {len(top)} trials")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save(fig, "top_trials.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    ok = [t for t in trials if t.objective is not None]
+    failed = [t for t in trials if t.objective is None]
+    sc = ax.scatter(
+        [math.log10(t.lr) for t in ok],
+        [math.log10(t.weight_decay) for t in ok],
+        c=[t.objective for t in ok],
+        cmap="viridis",
+        s=30,
+    )
+    if failed:
+        ax.scatter(
+            [math.log10(t.lr) for t in failed],
+            [math.log10(t.weight_decay) for t in failed],
+            marker="x",
+            c="grey",
+            label="failed",
+        )
+        ax.legend()
+    fig.colorbar(sc, ax=ax, label="best validation accuracy")
+    ax.set_xlabel("log10 learning rate")
+    ax.set_ylabel("log10 weight decay")
+    ax.set_title(f"{study}: where the good values are")
+    save(fig, "lr_wd_scatter.png")
+
+    if other is not None:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for label, ts in ((study, trials), (PAIRS[study], other)):
+            ax.plot(range(1, len(ts) + 1), best_so_far(ts), label=label)
+        ax.set_xlabel("trials")
+        ax.set_ylabel("best validation accuracy so far")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, "best_so_far.png")
+    return names
+
+
+def write_search_report(
+    name_or_id: str, out_root: str | Path = "reports/search", top_n: int = 20
+) -> Path:
+    """Write the search report; return the path of its markdown file."""
+    client = get_client()
+    parent = find_parent(client, name_or_id)
+    study = client.get_experiment(parent.info.experiment_id).name
+    trials = load_trials(client, parent)
+    if not trials:
+        raise FitscopeError(f"search {study!r} has no trials. Fix: run it first")
+    other = None
+    if study in PAIRS and client.get_experiment_by_name(PAIRS[study]) is not None:
+        other = load_trials(client, find_parent(client, PAIRS[study]))
+    out = Path(out_root) / study
+    ranked = sorted((t for t in trials if t.objective is not None), key=lambda t: -t.objective)
+    top = ranked[:top_n]
+    pngs = _plots(client, study, trials, other, out, top)
+    with atomic_path(out / "trials.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            ["trial", "run_id", "status", "lr", "weight_decay", "best_val_acc", "best_epoch"]
+        )
+        for t in trials:
+            writer.writerow(
+                [
+                    t.number,
+                    t.run_id,
+                    t.status,
+                    t.lr,
+                    t.weight_decay,
+                    "" if t.objective is None else t.objective,
+                    t.best_epoch or "",
+                ]
+            )
+    failed = sum(t.objective is None for t in trials)
+    md = [
+        f"# Hyperparameter search `{study}`\n",
+        f"Parent run `{parent.info.run_id}`: {len(trials)} trials, {len(ranked)} finished, "
+        f"{failed} failed. Objective: best validation accuracy of a trial.\n",
+        f"## Top {len(top)} trials\n",
+        "| rank | trial | learning rate | weight decay | best val acc | best epoch | run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {i} | {t.number} | {t.lr:.3g} | {t.weight_decay:.3g} | {t.objective:.4f} | "
+        f"{t.best_epoch} | `{t.run_id}` |"
+        for i, t in enumerate(top, start=1)
+    ]
+    if other is not None:
+        mine, theirs = best_so_far(trials), best_so_far(other)
+        marks = [n for n in (5, 10, 25, 50, 100) if n <= min(len(mine), len(theirs))]
+        md += [
+            "",
+            "## Random vs TPE on the same budget\n",
+            f"Best validation accuracy reached after N trials ({study} | {PAIRS[study]}):\n",
+            *(f"- N = {n}: {mine[n - 1]:.4f} | {theirs[n - 1]:.4f}" for n in marks),
+        ]
+    md += ["", *(f"![{p}]({p})" for p in pngs), ""]
+    with atomic_path(out / "search.md") as tmp:
+        tmp.write_text("\n".join(md))
+    return out / "search.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fitscope.report.search", description=__doc__)
+    parser.add_argument("search", help="study name (MLflow experiment) or parent run id")
+    parser.add_argument("--out", default="reports/search")
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args(argv)
+    from fitscope.cli import run_cli
+
+    path = run_cli(lambda: write_search_report(args.search, args.out, args.top))
+    print(f"search report written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The study report: learning curves, a comparison table per dataset, verdicts, champion."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fitscope.errors import FitscopeError
+from fitscope.evaluate import seed_dirs
+from fitscope.fileio import atomic_path
+
+# Variants drawn as the reference curve in another study's figure (the classic plots do).
+BASELINES = {"higgs_regularization": "higgs-large", "mnist_augment": "mnist-none"}
+OVERFIT_RISE = 0.02  # late validation loss 2% above its minimum
+
+VERDICT_RULE = (
+    "**overfitting**: over the last epochs (10, or a tenth of the run if shorter) the mean "
+    "validation loss is more than 2% above its minimum while the mean training loss is below "
+    "its value at the best epoch (validation got worse as training got better); otherwise "
+    "**underfitting**: the training loss at the best epoch is no lower than the lowest "
+    "validation loss any variant of the same dataset reached (the model fits the data it sees "
+    "worse than the best model fits data it never saw); otherwise **good fit**. Averaging over "
+    "the last epochs keeps epoch-to-epoch noise of a 1,000-row validation set from deciding."
+)
+
+
+def verdict(history: list[dict[str, float]], best_val_in_dataset: float) -> str:
+    """Classify one run's curves with the rule in ``VERDICT_RULE``."""
+    best = min(range(len(history)), key=lambda i: history[i]["val/loss"])
+    val_best, train_best = history[best]["val/loss"], history[best]["train/loss"]
+    window = history[-max(1, min(10, len(history) // 10)) :]
+    if best < len(history) - 1:
+        val_late = sum(r["val/loss"] for r in window) / len(window)
+        train_late = sum(r["train/loss"] for r in window) / len(window)
+        if val_late > (1 + OVERFIT_RISE) * val_best and train_late < train_best:
+            return "overfitting"
+    if train_best >= best_val_in_dataset:
+        return "underfitting"
+    return "good fit"
+
+
+@dataclass
+class VariantResult:
+    name: str
+    dataset: str
+    study: str
+    runs: list[dict[str, Any]]  # metrics.json of each seed
+    histories: list[list[dict[str, float]]]
+    test: dict[str, Any]
+    verdicts: list[str] = field(default_factory=list)
+
+    def stat(self, key: str) -> tuple[float, float]:
+        values = [r[key] for r in self.runs]
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def load_results(params: dict[str, Any], runs_root: Path, metrics_dir: Path) -> list[VariantResult]:
+    """Everything the report needs, per variant in params.yaml order."""
+    results = []
+    for name, spec in (params.get("variants") or {}).items():
+        dirs = seed_dirs(runs_root / name)
+        test_path = metrics_dir / f"{name}.json"
+        if not test_path.exists():
+            raise FitscopeError(f"{test_path} not found. Fix: run `dvc repro` (evaluate stage)")
+        results.append(
+            VariantResult(
+                name=name,
+                dataset=spec["dataset"],
+                study=spec["study"],
+                runs=[json.loads((d / "metrics.json").read_text()) for d in dirs],
+                histories=[_read_history(d / "history.csv") for d in dirs],
+                test=json.loads(test_path.read_text()),
+            )
+        )
+    if not results:
+        raise FitscopeError("params.yaml lists no variants. Fix: add some under `variants:`")
+    for dataset in {r.dataset for r in results}:
+        group = [r for r in results if r.dataset == dataset]
+        floor = min(min(h["val/loss"] for h in hist) for r in group for hist in r.histories)
+        for r in group:
+            r.verdicts = [verdict(hist, floor) for hist in r.histories]
+    return results
+
+
+def _fmt(mean: float, std: float, seeds: int, digits: int = 4) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
+def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str, str]]:
+    """One table row per variant of ``dataset`` (mean ± std over seeds when several)."""
+    rows = []
+    for r in (r for r in results if r.dataset == dataset):
+        n = len(r.runs)
+        row = {
+            "variant": r.name,
+            "params": str(int(r.runs[0]["params"])),
+            "best val loss": _fmt(*r.stat("best_val_loss"), n),
+            "best val acc": _fmt(*r.stat("best_val_acc"), n),
+        }
+        if dataset == "higgs":
+            row["best val AUROC"] = _fmt(*r.stat("best_val_auroc"), n)
+        row["test loss"] = _fmt(r.test["test_loss"], r.test["test_loss_std"], n)
+        row["test acc"] = _fmt(r.test["test_acc"], r.test["test_acc_std"], n)
+        if dataset == "higgs":
+            row["test AUROC"] = _fmt(r.test["test_auroc"], r.test["test_auroc_std"], n)
+        row.update(
+            {
+                "best epoch": _fmt(*r.stat("best_epoch"), n, 0),
+                "stopped epoch": _fmt(*r.stat("stopped_epoch"), n, 0),
+                "train-val gap": _fmt(*r.stat("best_gap_loss"), n),
+                "verdict": "/".join(sorted(set(r.verdicts))),
+                "wall time (s)": _fmt(*r.stat("wall_time_s"), n, 1),
+                "MLflow run": ", ".join(str(x.get("mlflow_run_id", "-")) for x in r.runs),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def _figure(results: list[VariantResult], study: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    members = [r for r in results if r.study == study]
+    baseline = BASELINES.get(study)
+    members = [r for r in results if r.name == baseline] + members
+    mnist = members[0].dataset == "mnist"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(members):
+        hist = r.histories[0]
+        color = f"C{i}"
+        epochs = [h["epoch"] + 1 for h in hist]
+        key = "acc" if mnist else "loss"
+        ax.plot(
+            epochs, [h[f"train/{key}"] for h in hist], "--", color=color, label=f"{r.name} train"
+        )
+        ax.plot(epochs, [h[f"val/{key}"] for h in hist], "-", color=color, label=f"{r.name} val")
+    ax.set_xscale("log")
+    ax.set_xlabel("epoch (log scale)")
+    ax.set_ylabel("accuracy" if mnist else "binary cross-entropy")
+    if not mnist:
+        ax.set_ylim(top=0.75)
+    ax.set_title(f"{study}: train (dashed) vs validation (solid)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _write_curves(results: list[VariantResult], out: Path) -> None:
+    """Seed-0 curves as CSV with plain column names, for `dvc plots show`."""
+    for r in results:
+        with atomic_path(out / "curves" / f"{r.name}.csv") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["epoch", "train_loss", "val_loss", "train_acc", "val_acc"])
+            for h in r.histories[0]:
+                writer.writerow(
+                    [int(h["epoch"]), h["train/loss"], h["val/loss"], h["train/acc"], h["val/acc"]]
+                )
+
+
+def register_champions(results: list[VariantResult]) -> dict[str, str]:
+    """Register each dataset's best variant (lowest mean best-val-loss) as ``@champion``."""
+    from fitscope.tracking import get_client
+
+    champions = {}
+    client = None
+    for dataset in sorted({r.dataset for r in results}):
+        best = min(
+            (r for r in results if r.dataset == dataset), key=lambda r: r.stat("best_val_loss")[0]
+        )
+        run = min(best.runs, key=lambda x: x["best_val_loss"])
+        model_uri = run.get("mlflow_model_uri")
+        if not model_uri:
+            continue
+        client = client or get_client()
+        name = f"fitscope-{dataset}"
+        if not client.search_registered_models(f"name = '{name}'"):
+            client.create_registered_model(name, description=f"Best {dataset} variant")
+        version = client.create_model_version(
+            name, model_uri, run_id=run["mlflow_run_id"], tags={"fitscope.variant": best.name}
+        )
+        client.set_registered_model_alias(name, "champion", version.version)
+        champions[dataset] = f"models:/{name}@champion = {best.name} (version {version.version})"
+    return champions
+
+
+def _table_md(rows: list[dict[str, str]]) -> str:
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row[k] for k in head) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _table_html(rows: list[dict[str, str]]) -> str:
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_study_report(
+    params: dict[str, Any],
+    runs_root: str | Path = "runs",
+    metrics_dir: str | Path = "metrics",
+    out: str | Path = "reports",
+) -> Path:
+    """Write reports/study.md, study.html, the figures, comparison.csv and curves/*.csv."""
+    out = Path(out)
+    results = load_results(params, Path(runs_root), Path(metrics_dir))
+    study = params.get("study") or {}
+    profile = study.get("profile", "classic")
+    figures = {
+        s: _figure(results, s, out / f"{s}.png") for s in dict.fromkeys(r.study for r in results)
+    }
+    _write_curves(results, out)
+    champions = register_champions(results)
+    tables = {d: comparison_rows(results, d) for d in dict.fromkeys(r.dataset for r in results)}
+    with atomic_path(out / "comparison.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        for dataset, rows in tables.items():
+            writer.writerow(["dataset", *rows[0]])
+            writer.writerows([dataset, *row.values()] for row in rows)
+
+    seeds = max(len(r.runs) for r in results)
+    banner = (
+        ""
+        if profile == "classic"
+        else f"> **{profile} profile**: shortened runs (fewer epochs, smaller patience) for a "
+        "demo; these numbers are not the classic study. Run `dvc repro` with "
+        "`study.profile: classic` for the real protocol.\n\n"
+    )
+    md = [
+        f"# fitscope study report ({profile} profile)\n",
+        banner,
+        f"Seeds per variant: {seeds}"
+        + (" (values are mean ± std)" if seeds > 1 else "")
+        + ". Validation = the split early stopping watches; test = the held-out split "
+        "scored once by the evaluate stage. Binary accuracy thresholds the probability at "
+        "0.5.\n",
+        f"Verdict rule: {VERDICT_RULE}\n",
+    ]
+    for dataset, rows in tables.items():
+        md += [f"## {dataset.upper()}\n", _table_md(rows), ""]
+    md.append("## Learning curves\n")
+    for study_name, png in figures.items():
+        md += [f"### {study_name}\n", f"![{study_name}]({png.name})\n"]
+    md.append("## Registered champions\n")
+    md += [f"- {d}: `{c}`" for d, c in champions.items()] or ["- none (runs were not tracked)"]
+    md.append("\nCompare runs interactively: `mlflow ui` (then http://127.0.0.1:5000).\n")
+    md_text = "\n".join(md)
+    with atomic_path(out / "study.md") as tmp:
+        tmp.write_text(md_text)
+
+    figs_html = "".join(
+        f"<h3>{html.escape(s)}</h3><img alt='{html.escape(s)}' src='data:image/png;base64,"
+        f"{base64.b64encode(p.read_bytes()).decode()}'>"
+        for s, p in figures.items()
+    )
+    tables_html = "".join(f"<h2>{d.upper()}</h2>{_table_html(rows)}" for d, rows in tables.items())
+    champs_html = "".join(f"<li><code>{html.escape(c)}</code></li>" for c in champions.values())
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>fitscope study</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:900px}</style></head><body>"
+        f"<h1>fitscope study report ({html.escape(profile)} profile)</h1>"
+        + (
+            f"<p><b>{html.escape(profile)} profile</b>: shortened runs for a demo; not the "
+            "classic study.</p>"
+            if profile != "classic"
+            else ""
+        )
+        + f"<p>Verdict rule: {html.escape(VERDICT_RULE.replace('**', ''))}</p>"
+        + tables_html
+        + "<h2>Learning curves</h2>"
+        + figs_html
+        + f"<h2>Registered champions</h2><ul>{champs_html or '<li>none</li>'}</ul>"
+        + "</body></html>"
+    )
+    with atomic_path(out / "study.html") as tmp:
+        tmp.write_text(page)
+    return out / "study.md"

@@ -1,0 +1,129 @@
+"""The verdict rule on synthetic curves, and the report writer on synthetic runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fitscope.report import verdict, write_study_report
+
+
+def curve(train, val):
+    return [
+        {"epoch": i, "train/loss": t, "val/loss": v}
+        for i, (t, v) in enumerate(zip(train, val, strict=True))
+    ]
+
+
+def test_val_rising_while_train_falls_is_overfitting():
+    hist = curve(train=[0.7, 0.6, 0.5, 0.4, 0.3], val=[0.70, 0.62, 0.60, 0.64, 0.70])
+    assert verdict(hist, best_val_in_dataset=0.60) == "overfitting"
+
+
+def test_noisy_validation_is_not_overfitting():
+    # 40 epochs: the last 4 average 0.5975 (+1.3% over the best, 0.59), though a single
+    # epoch (0.607) is 2.9% above it.
+    val = [0.70 - 0.0025 * i for i in range(36)] + [0.60, 0.59, 0.607, 0.593]
+    train = [0.60 - 0.003 * i for i in range(40)]
+    hist = curve(train=train, val=val)
+    assert min(val) == 0.59 and verdict(hist, best_val_in_dataset=0.59) == "good fit"
+
+
+def test_high_training_loss_is_underfitting():
+    # Still improving, but it fits its own training data worse (0.66) than the best
+    # model of the dataset fits unseen data (0.60).
+    hist = curve(train=[0.70, 0.68, 0.66], val=[0.71, 0.69, 0.67])
+    assert verdict(hist, best_val_in_dataset=0.60) == "underfitting"
+
+
+def test_val_rise_with_train_also_rising_is_not_overfitting():
+    hist = curve(train=[0.7, 0.5, 0.6, 0.7], val=[0.7, 0.55, 0.65, 0.75])
+    assert verdict(hist, best_val_in_dataset=0.55) == "good fit"
+
+
+def _fake_run(root, name, seed, best_val, test_acc):
+    d = root / "runs" / name / str(seed)
+    d.mkdir(parents=True)
+    hist = curve(train=[0.7, 0.5, 0.4], val=[0.7, best_val, best_val + 0.05])
+    with open(d / "history.csv", "w", newline="") as fh:
+        w = csv.DictWriter(
+            fh,
+            fieldnames=[
+                "epoch",
+                "train/loss",
+                "val/loss",
+                "train/acc",
+                "val/acc",
+                "train/auroc",
+                "val/auroc",
+            ],
+        )
+        w.writeheader()
+        for h in hist:
+            w.writerow(
+                {**h, "train/acc": 0.7, "val/acc": 0.6, "train/auroc": 0.7, "val/auroc": 0.65}
+            )
+    (d / "metrics.json").write_text(
+        json.dumps(
+            {
+                "params": 481,
+                "best_val_loss": best_val,
+                "best_val_acc": 0.6,
+                "best_val_auroc": 0.65,
+                "best_epoch": 1,
+                "stopped_epoch": 2,
+                "best_gap_loss": best_val - 0.5,
+                "wall_time_s": 1.5,
+                "mlflow_run_id": f"run-{name}-{seed}",
+            }
+        )
+    )
+
+
+def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path):
+    params = {
+        "study": {"profile": "quick"},
+        "variants": {
+            "higgs-a": {"dataset": "higgs", "study": "s1", "overrides": ""},
+            "higgs-b": {"dataset": "higgs", "study": "s1", "overrides": ""},
+        },
+    }
+    for name, vals in {"higgs-a": (0.60, 0.62), "higgs-b": (0.65, 0.65)}.items():
+        for seed, v in enumerate(vals):
+            _fake_run(tmp_path, name, seed, v, 0.7)
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / f"{name}.json").write_text(
+            json.dumps(
+                {
+                    "seeds": 2,
+                    "test_loss": 0.61,
+                    "test_loss_std": 0.01,
+                    "test_acc": 0.7,
+                    "test_acc_std": 0.02,
+                    "test_auroc": 0.75,
+                    "test_auroc_std": 0.0,
+                }
+            )
+        )
+    md = write_study_report(params, tmp_path / "runs", tmp_path / "metrics", tmp_path / "reports")
+    text = md.read_text()
+    assert "quick profile" in text
+    assert "| higgs-a | 481 | 0.6100 ± 0.0141 |" in text
+    assert "| higgs-b | 481 | 0.6500 ± 0.0000 |" in text
+    assert "run-higgs-a-0, run-higgs-a-1" in text
+    assert (tmp_path / "reports" / "s1.png").stat().st_size > 10_000
+    html = (tmp_path / "reports" / "study.html").read_text()
+    assert "data:image/png;base64," in html and "higgs-b" in html
+    with open(tmp_path / "reports" / "curves" / "higgs-a.csv") as fh:
+        assert next(csv.reader(fh)) == ["epoch", "train_loss", "val_loss", "train_acc", "val_acc"]
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path):
+    from fitscope.errors import FitscopeError
+
+    _fake_run(tmp_path, "higgs-a", 0, 0.6, 0.7)
+    params = {"variants": {"higgs-a": {"dataset": "higgs", "study": "s", "overrides": ""}}}
+    with pytest.raises(FitscopeError, match="evaluate stage"):
+        write_study_report(params, tmp_path / "runs", tmp_path / "metrics", tmp_path / "r")
