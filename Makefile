@@ -10,7 +10,7 @@ TORCH_INDEX_URL ?=
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo study test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -35,6 +35,17 @@ demo: install
 	@echo "  DVC:        .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc exp show"
 	@echo "  MLflow UI:  .venv/bin/mlflow ui   then open http://127.0.0.1:5000"
 	@echo "  classic:    git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
+
+# The classic study with JOBS train stages at a time (dvc repro itself runs stages one by
+# one; DVC releases its lock while a stage runs, so independent stages can overlap).
+JOBS ?= 2
+DVC := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc
+study: install
+	$(DVC) repro split_higgs split_mnist
+	$(DVC) stage list --name-only | grep '^train@' | \
+		xargs -P $(JOBS) -I{} sh -c 'PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc --wait-for-lock repro -s {}'
+	$(DVC) repro
+	@echo "study done: reports/study.md"
 
 test: install
 	$(BIN)/python -m pytest

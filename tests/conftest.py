@@ -149,21 +149,6 @@ def fast_retry():
     return RetryPolicy(attempts=3, backoff_s=0.01, timeout_s=5)
 
 
-PIPELINE_FILES = (
-    "dvc.yaml",
-    "dvc.lock",
-    "params.yaml",
-    "data.dvc",
-    ".dvcignore",
-    ".gitignore",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    "src",
-    "conf",
-    "data/.gitignore",
-)
-
-
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     """Run a command with the venv's bin first on PATH; fail loudly with its output."""
     env = {
@@ -179,13 +164,22 @@ def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
 
 
 def make_repo_copy(dest: Path) -> Path:
-    """A fresh git repository at ``dest`` holding the pipeline files, like a fresh clone."""
+    """A fresh git repository at ``dest`` with the working tree's files, like a fresh clone.
+
+    Copies what git tracks plus untracked files it does not ignore, so uncommitted work
+    is tested too, and nothing generated (data, runs, MLflow store) comes along.
+    """
     dest.mkdir(parents=True)
-    for name in PIPELINE_FILES:
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in filter(None, listed.split("\0")):
         src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
+        if src.is_file() and "__pycache__" not in name:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     for cmd in (

@@ -124,3 +124,19 @@ def test_second_repro_is_a_noop_and_one_change_reruns_only_its_chain(study_repo)
         line.split("'")[1] for line in changed.splitlines() if line.startswith("Running stage")
     )
     assert ran == ["evaluate@mnist-augment", "report", "train@mnist-augment"]
+
+
+def test_optional_search_pipeline(study_repo):
+    repo, _ = study_repo
+    set_param(repo, "  trials: 12", "  trials: 3")
+    set_param(repo, "  epochs: 20", "  epochs: 2")
+    out = run(["dvc", "repro", "search/dvc.yaml"], repo).stdout
+    assert "Running stage 'search/dvc.yaml:search@random'" in out
+    assert "Running stage 'search/dvc.yaml:search@tpe'" in out
+    for study in ("mnist_search_random", "mnist_search_tpe"):
+        md = (repo / "search" / "reports" / study / "search.md").read_text()
+        assert md.count("| `") == 3
+        assert "Random vs TPE on the same budget" in md
+        assert (repo / "search" / "reports" / study / "best_so_far.png").exists()
+    # The main pipeline neither runs nor depends on it.
+    assert "Running stage" not in run(["dvc", "repro"], repo).stdout

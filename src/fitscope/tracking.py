@@ -268,9 +268,10 @@ class RunTracker:
     def finish(self) -> None:
         self.client.set_terminated(self.run_id, status="FINISHED")
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, status: str = "FAILED") -> None:
+        """End the run as FAILED (or KILLED) with the reason in the ``fitscope.failure`` tag."""
         self.set_tags({f"{TAG}failure": reason[:8000]})
-        self.client.set_terminated(self.run_id, status="FAILED")
+        self.client.set_terminated(self.run_id, status=status)
 
 
 class MlflowEpochLogger(pl.Callback):

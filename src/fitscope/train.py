@@ -154,14 +154,12 @@ def train(cfg: DictConfig) -> float:
         )
 
     try:
-        result = _fit(cfg, dm, run_dir, tracker)
+        return _fit(cfg, dm, run_dir, tracker)
     except BaseException as exc:
         if tracker is not None:
-            tracker.fail(f"{type(exc).__name__}: {exc}")
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            tracker.fail(f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
         raise
-    if tracker is not None:
-        tracker.set_tags({"fitscope.run_id": tracker.run_id})
-    return result
 
 
 def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
