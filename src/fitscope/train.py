@@ -336,8 +336,10 @@ class MlflowSweepCallback(Callback):
         from fitscope import tracking
 
         parent = os.environ.pop(tracking.PARENT_ENV, None)
-        if parent and tracking.close_parent(tracking.get_client(), parent,
-                                            config.objective) is None:
+        if (
+            parent
+            and tracking.close_parent(tracking.get_client(), parent, config.objective) is None
+        ):
             raise SystemExit(
                 f"fitscope: error: every job of the sweep failed (MLflow parent run {parent}; "
                 "each FAILED run has the reason in its fitscope.failure tag). Fix: see those "
