@@ -43,6 +43,7 @@ class FileServer:
     base_url: str
     routes: dict[str, Route]
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # body bytes per path
 
     def add(self, path: str, body: bytes, **kwargs) -> str:
         self.routes[path] = Route(body, **kwargs)
@@ -88,7 +89,14 @@ def _handler(server: FileServer):
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            self.wfile.write(body)
+            try:  # in blocks, counting what the client actually took
+                for start in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[start : start + (1 << 16)])
+                    server.bytes_sent[self.path] = server.bytes_sent.get(self.path, 0) + len(
+                        body[start : start + (1 << 16)]
+                    )
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)

@@ -82,10 +82,20 @@ def test_full_size_from_mirror_env(
         data, "HIGGS_SHA256", "sha256:" + hashlib.sha256(higgs_sample_bytes).hexdigest()
     )
     monkeypatch.setenv(data.MIRROR_ENV, file_server.base_url + "/m")
-    params = data.HiggsParams(source="mirror", size="full", test_rows=1000)
+    params = data.HiggsParams(source="mirror", size="full", test_rows=1000, train_rows=8000)
     data.fetch_higgs(params, tmp_path / "raw", fast_retry)
     manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
-    assert manifest["splits"]["train"]["rows"] == 8984
+    assert manifest["splits"]["train"]["rows"] == 8000
+    assert manifest["splits"]["test"]["first_row"] == 10984 - 1000
+
+
+def test_official_defaults_follow_the_classic_protocol():
+    study = data.HiggsParams(source="uci")
+    assert study.resolved_train_rows() == 10_000 and study.head_rows() == 12_000
+    full = data.HiggsParams(source="uci", size="full")
+    assert full.resolved_train_rows() == 10_000  # not the 10.5M rows between val and test
+    assert full.resolved_test_rows() == 500_000
+    assert data.HiggsParams().resolved_train_rows() is None  # embedded: all between
 
 
 def test_mirror_without_location_is_a_clear_error(tmp_path, monkeypatch):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import time
 import zipfile
 
+import numpy as np
 import pytest
 
 from fitscope.download import (
@@ -110,14 +112,22 @@ def test_local_directory_mirror(tmp_path, fast_retry):
 
 
 def test_head_streaming_reads_only_the_needed_part(file_server, tmp_path, fast_retry):
-    # A large file: stream the first 100 lines and stop long before the end.
-    lines = [f"{i % 2}.0," + ",".join(["1.5"] * 28) for i in range(200_000)]
-    body = gzip.compress("\n".join(lines).encode() + b"\n", compresslevel=6)
+    # A hardly compressible ~20 MB gzip: the first 100 lines need a few kB of it.
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    np.savetxt(buf, rng.random((120_000, 29)), fmt="%.9f", delimiter=",")
+    lines = buf.getvalue().decode().splitlines()
+    body = gzip.compress(buf.getvalue(), compresslevel=1)
+    assert len(body) > 15_000_000
     url = file_server.add("/HIGGS.csv.gz", body)
     dest = tmp_path / "head.csv.gz"
     fetch_gzip_head([url], dest, 100, policy=fast_retry)
     got = gzip.decompress(dest.read_bytes()).decode().splitlines()
     assert got == lines[:100]
+    # The client hung up early: beyond what socket buffers took (a few MB on loopback),
+    # the server could not send the file.
+    time.sleep(0.2)
+    assert file_server.bytes_sent["/HIGGS.csv.gz"] < len(body) // 2
 
 
 def test_head_of_real_sample(file_server, tmp_path, higgs_sample_bytes, fast_retry):

@@ -38,6 +38,14 @@ def test_high_training_loss_is_underfitting():
     assert verdict(hist, best_val_in_dataset=0.60) == "underfitting"
 
 
+def test_eval_mode_training_loss_decides_underfitting():
+    # With dropout the logged training loss (0.66) sits above the best validation loss,
+    # but in eval mode the model fits its training data better (0.55): not underfitting.
+    hist = curve(train=[0.70, 0.68, 0.66], val=[0.64, 0.62, 0.60])
+    assert verdict(hist, best_val_in_dataset=0.60) == "underfitting"
+    assert verdict(hist, best_val_in_dataset=0.60, train_loss=0.55) == "good fit"
+
+
 def test_val_rise_with_train_also_rising_is_not_overfitting():
     hist = curve(train=[0.7, 0.5, 0.6, 0.7], val=[0.7, 0.55, 0.65, 0.75])
     assert verdict(hist, best_val_in_dataset=0.55) == "good fit"

@@ -233,10 +233,13 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, train
 
 
 def _writer(args):
-    uri, exp_id, name = args
+    uri, name = args
     from fitscope import tracking as t
 
+    # Each worker opens the (fresh) store and the experiment itself: the races on table
+    # creation and on the experiment name are what the store lock prevents.
     client = t.get_client(uri)
+    exp_id = t.ensure_experiment(client, "t_concurrent")
     tracker = t.RunTracker.create(client, exp_id, name, {"worker": name}, {"fitscope.w": name})
     rows = [
         {"epoch": e, "train/loss": 1.0 / (e + 1), "val/loss": 2.0 / (e + 1)} for e in range(300)
@@ -248,17 +251,54 @@ def _writer(args):
 
 
 @pytest.mark.slow
-def test_four_concurrent_writers_lose_nothing(tmp_path):
+def test_four_concurrent_writers_on_a_fresh_store_lose_nothing(tmp_path):
     import multiprocessing as mp
 
-    uri = f"sqlite:///{tmp_path / 'fresh.db'}"  # a fresh store: creation races are locked
-    ctx = mp.get_context("spawn")
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    with mp.get_context("spawn").Pool(4) as pool:
+        run_ids = pool.map(_writer, [(uri, f"w{i}") for i in range(4)])
     client = tracking.get_client(uri)
-    exp_id = tracking.ensure_experiment(client, "t_concurrent")
-    with ctx.Pool(4) as pool:
-        run_ids = pool.map(_writer, [(uri, exp_id, f"w{i}") for i in range(4)])
+    exp = client.get_experiment_by_name("t_concurrent")
+    assert len(client.search_runs([exp.experiment_id])) == 4
+    assert len(client.search_experiments()) == 2  # Default + t_concurrent, no duplicate
     for run_id in run_ids:
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
+        assert run.info.experiment_id == exp.experiment_id
         for key in ("train/loss", "val/loss"):
             assert len(client.get_metric_history(run_id, key)) == 300
+
+
+@pytest.mark.slow
+def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, train_env):
+    # One job diverges (NaN), the other trains: the sweep finishes both, then exits 1.
+    proc = run_train(
+        [
+            "-m",
+            f"paths.data_dir={processed_dir}",
+            "trainer=debug",
+            "study=t_mixed",
+            "optimizer=sgd",
+            "scheduler=none",
+            "model=large",
+            "optimizer.lr=1e12,0.01",
+            "logger.log_model=false",
+        ],
+        tmp_path,
+        train_env,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("fitscope: error: 1 job(s) of the sweep failed (large-none)")
+    )
+    client = tracking.get_client()
+    exp = client.get_experiment_by_name("t_mixed").experiment_id
+    statuses = sorted(
+        r.info.status
+        for r in client.search_runs([exp])
+        if r.data.tags.get("fitscope.role") != "parent"
+    )
+    assert statuses == ["FAILED", "FINISHED"]

@@ -94,10 +94,15 @@ class HiggsParams:
             return self.test_rows
         return 500_000 if (self.source != "embedded" and self.size == "full") else 1000
 
+    def resolved_train_rows(self) -> int | None:
+        """Training rows: the classic 10,000 for official data; ``None`` = all (embedded)."""
+        if self.train_rows is not None or self.source == "embedded":
+            return self.train_rows
+        return 10_000
+
     def head_rows(self) -> int:
         """Rows to stream from the top of the file: validation, training, then test."""
-        train = self.train_rows if self.train_rows is not None else 10_000
-        return self.val_rows + train + self.resolved_test_rows()
+        return self.val_rows + (self.resolved_train_rows() or 0) + self.resolved_test_rows()
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class MnistParams:
     source: str = "embedded"  # embedded | official | mirror
     mirror: str | None = None
     val_size: int = 100
-    test_size: int | None = 1000  # embedded: held-out digits; official: None = all of t10k
+    test_size: int | None = None  # None: 1,000 held-out digits (embedded), all of t10k
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -284,7 +289,9 @@ def split_higgs(
     x, y = read_higgs_csv(raw)
     n = len(y)
     n_val, n_test = params.val_rows, params.resolved_test_rows()
-    n_train = params.train_rows if params.train_rows is not None else n - n_val - n_test
+    n_train = params.resolved_train_rows()
+    if n_train is None:
+        n_train = n - n_val - n_test
     if n_train < 1 or n_val + n_train + n_test > n:
         raise FitscopeError(
             f"the HIGGS split asks for {n_val} validation + {n_train} training + {n_test} test "
@@ -407,7 +414,7 @@ def split_mnist(
     order = balanced_order(labels, rng)
     n_val = params.val_size
     if params.source == "embedded":
-        n_test = params.test_size or 0
+        n_test = params.test_size if params.test_size is not None else 1000
         if n_val + n_test >= len(labels):
             raise FitscopeError(
                 f"the MNIST split asks for {n_val} validation + {n_test} test digits but only "

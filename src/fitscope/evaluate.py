@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from fitscope.data import load_split
 from fitscope.errors import FitscopeError
@@ -40,15 +41,36 @@ def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return mlp.eval(), cfg
 
 
-def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, float]:
-    """Test-split metrics of one trained run."""
-    mlp, cfg = load_trained(run_dir)
-    x, y = load_split(data_dir or cfg["data"]["dir"], "test")
+def _score(
+    mlp: torch.nn.Module, cfg: dict[str, Any], x, y, per_class: bool = False
+) -> dict[str, float]:
+    task, num_classes = cfg["data"]["task"], cfg["data"]["num_classes"]
     targets = torch.from_numpy(np.array(y))
-    targets = targets.float() if cfg["data"]["task"] == "binary" else targets.long()
+    targets = targets.float() if task == "binary" else targets.long()
     with torch.no_grad():
         logits = mlp(torch.from_numpy(np.array(x, dtype=np.float32)))
-    return classification_metrics(cfg["data"]["task"], logits, targets, cfg["data"]["num_classes"])
+    metrics = classification_metrics(task, logits, targets, num_classes)
+    if per_class and task == "multiclass":
+        accs = multiclass_accuracy(
+            logits.softmax(-1), targets, num_classes=num_classes, average=None
+        )
+        metrics.update({f"acc_class_{k}": float(a) for k, a in enumerate(accs)})
+    return metrics
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, float]:
+    """Test-split metrics of one trained run, plus its training loss in eval mode.
+
+    The training loss logged during training has dropout active (as in Keras); the
+    eval-mode one is what "how well does the model fit its training data" means.
+    """
+    mlp, cfg = load_trained(run_dir)
+    data_dir = data_dir or cfg["data"]["dir"]
+    result = _score(mlp, cfg, *load_split(data_dir, "test"), per_class=True)
+    x_train, y_train = load_split(data_dir, "train")
+    n = cfg["data"].get("train_size") or len(y_train)
+    result["train_eval_loss"] = _score(mlp, cfg, x_train[:n], y_train[:n])["loss"]
+    return result
 
 
 def seed_dirs(variant_dir: str | Path) -> list[Path]:
@@ -67,8 +89,9 @@ def evaluate_variant(
     result: dict[str, Any] = {"seeds": len(per_seed)}
     for key in per_seed[0]:
         values = [m[key] for m in per_seed]
-        result[f"test_{key}"] = statistics.fmean(values)
-        result[f"test_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        name = key if key.startswith("train_") else f"test_{key}"
+        result[name] = statistics.fmean(values)
+        result[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     _log_to_mlflow(seed_dirs(Path(runs_root) / variant), per_seed)
     write_json(Path(out_dir) / f"{variant}.json", result)
     return result
@@ -83,4 +106,11 @@ def _log_to_mlflow(dirs: list[Path], per_seed: list[dict[str, float]]) -> None:
         run_id = json.loads((run_dir / "metrics.json").read_text()).get("mlflow_run_id")
         if run_id:
             client = client or get_client()
-            RunTracker(client, run_id).log_summary({f"test/{k}": v for k, v in metrics.items()})
+            RunTracker(client, run_id).log_summary(
+                {
+                    k.replace("train_eval_", "train_eval/")
+                    if k.startswith("train_")
+                    else f"test/{k}": v
+                    for k, v in metrics.items()
+                }
+            )

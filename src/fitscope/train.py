@@ -145,7 +145,7 @@ def train(cfg: DictConfig) -> float:
         parent = os.environ.get(tracking.PARENT_ENV)
         if not parent and cfg.tracking.parent_key:
             parent = tracking.find_or_create_parent(
-                client, exp_id, cfg.tracking.parent_key, run_name=f"{cfg.study}"
+                client, exp_id, f"{cfg.tracking.parent_key}@{commit[:12]}", run_name=cfg.study
             )
         if parent:
             tags[tracking.PARENT_TAG] = parent
@@ -308,6 +308,7 @@ class MlflowSweepCallback(Callback):
     """Groups a multirun's jobs under one MLflow parent run (created before any job)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        (Path(config.hydra.sweep.dir) / FAILED_JOBS).unlink(missing_ok=True)
         if config.logger.name != "mlflow":
             return
         from fitscope import tracking
@@ -315,11 +316,20 @@ class MlflowSweepCallback(Callback):
         client = tracking.get_client()
         exp_id = tracking.ensure_experiment(client, config.study)
         overrides = list(config.hydra.overrides.task)
-        sweep_cfg = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
-        # An explicit key (the DVC study sets one) groups several sweeps under one parent;
-        # otherwise the same sweep command finds its earlier parent again.
-        key = config.tracking.parent_key or tracking.config_hash(
-            {"study": config.study, "overrides": sorted(overrides), "sweeper": sweep_cfg}
+        # The same sweep finds its parent again when restarted, even with another launcher,
+        # more trials or more parallel jobs: only what defines the jobs goes into the key.
+        sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+        identity = {
+            "study": config.study,
+            "overrides": sorted(o for o in overrides if not o.startswith(("hydra.", "hydra/"))),
+            "sweeper": {k: sweeper.get(k) for k in ("sampler", "params", "direction")},
+        }
+        # An explicit key (the DVC study sets one) groups the sweeps of one pipeline run
+        # under one parent: same key and same git commit.
+        key = (
+            f"{config.tracking.parent_key}@{tracking.git_state()[0][:12]}"
+            if config.tracking.parent_key
+            else tracking.config_hash(identity)
         )
         parent = tracking.find_or_create_parent(
             client,
@@ -335,16 +345,35 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from fitscope import tracking
 
+        failed_file = Path(config.hydra.sweep.dir) / FAILED_JOBS
+        failed = failed_file.read_text().splitlines() if failed_file.exists() else []
         parent = os.environ.pop(tracking.PARENT_ENV, None)
-        if (
-            parent
-            and tracking.close_parent(tracking.get_client(), parent, config.objective) is None
-        ):
+        best = None
+        if parent:
+            best = tracking.close_parent(tracking.get_client(), parent, config.objective)
+        if _is_search(config):
+            # A search tolerates failed trials; it fails only when no trial finished.
+            if parent and best is None:
+                raise SystemExit(
+                    f"fitscope: error: every job of the sweep failed (MLflow parent run "
+                    f"{parent}; each FAILED run has the reason in its fitscope.failure tag). "
+                    "Fix: see those reasons, e.g. narrow the learning-rate range"
+                )
+        elif failed:
+            # A plain sweep (and every DVC train stage) must not look successful.
+            names = ", ".join(line.split("\t")[1] for line in failed)
             raise SystemExit(
-                f"fitscope: error: every job of the sweep failed (MLflow parent run {parent}; "
-                "each FAILED run has the reason in its fitscope.failure tag). Fix: see those "
-                "reasons, e.g. narrow the learning-rate range"
+                f"fitscope: error: {len(failed)} job(s) of the sweep failed ({names}); the "
+                f"reasons are in {failed_file} and the FAILED MLflow runs. Fix: see those reasons"
             )
+
+
+FAILED_JOBS = "failed_jobs.tsv"
+
+
+def _is_search(config: DictConfig) -> bool:
+    """True for hyperparameter searches (Optuna sweeper), where trials may fail."""
+    return "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
 
 
 def worst_value(objective: str) -> float:
@@ -357,11 +386,15 @@ def _hydra_main(cfg: DictConfig) -> float:
     from fitscope.cli import run_cli
 
     if _job_info():
-        # In a sweep one failed job must not crash the others: log it, report the worst value.
+        # In a sweep one failed job must not crash the others: record it (the sweep's end
+        # decides the exit code), report the worst value to the sweeper.
         try:
             return train(cfg)
         except FitscopeError as exc:
             log.error("fitscope: error: %s", exc)
+            hc = HydraConfig.get()
+            with open(Path(hc.sweep.dir) / FAILED_JOBS, "a") as fh:
+                fh.write(f"{hc.job.num}\t{cfg.variant}\t{exc}\n")
             return worst_value(cfg.objective)
     return run_cli(lambda: train(cfg))
 

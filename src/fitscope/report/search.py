@@ -32,6 +32,7 @@ class Trial:
     weight_decay: float  # lambda in 0.5 * lambda * sum(W^2), i.e. 2 * regularization.l2
     objective: float | None
     best_epoch: int | None
+    epochs: int
 
 
 def find_parent(client, name_or_id: str):
@@ -63,10 +64,14 @@ def load_trials(client, parent) -> list[Trial]:
     runs = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
         max_results=5000,
     )
+    # A forced re-run of the search (the DVC stage) files new runs under the same parent:
+    # the newest run of each trial number wins.
+    latest = {run.data.tags.get(f"{TAG}job_num", run.info.run_id): run for run in runs}
     trials = []
-    for run in runs:
+    for run in latest.values():
         p, m = run.data.params, run.data.metrics
         trials.append(
             Trial(
@@ -77,6 +82,7 @@ def load_trials(client, parent) -> list[Trial]:
                 weight_decay=2 * float(p["regularization.l2"]),
                 objective=m.get(OBJECTIVE) if run.info.status == "FINISHED" else None,
                 best_epoch=int(m["best_epoch"]) if "best_epoch" in m else None,
+                epochs=int(p.get("trainer.max_epochs", 0)),
             )
         )
     return sorted(trials, key=lambda t: (t.number, t.run_id))
@@ -214,9 +220,17 @@ def write_search_report(
     if other is not None:
         mine, theirs = best_so_far(trials), best_so_far(other)
         marks = [n for n in (5, 10, 25, 50, 100) if n <= min(len(mine), len(theirs))]
+        budgets = {
+            name: f"{len(ts)} trials of {max(t.epochs for t in ts)} epochs"
+            for name, ts in ((study, trials), (PAIRS[study], other))
+        }
+        same = len(set(budgets.values())) == 1
         md += [
             "",
             "## Random vs TPE on the same budget\n",
+            f"Budgets: {study} {budgets[study]}, {PAIRS[study]} {budgets[PAIRS[study]]}"
+            + ("." if same else " (**not the same budget**: compare with care).")
+            + "\n",
             f"Best validation accuracy reached after N trials ({study} | {PAIRS[study]}):\n",
             *(f"- N = {n}: {mine[n - 1]:.4f} | {theirs[n - 1]:.4f}" for n in marks),
         ]
