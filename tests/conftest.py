@@ -234,3 +234,30 @@ def compose(*overrides: str):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def run_train(args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProcess:
+    """`python -m fitscope.train ARGS` in ``cwd`` against the MLflow store ``uri``."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("FITSCOPE_PARENT_RUN_ID", None)
+    return subprocess.run(
+        [sys.executable, "-m", "fitscope.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def serve_mnist(file_server, idx_dir: Path, prefix: str, monkeypatch) -> dict[str, str]:
+    """Serve the IDX fixture under ``prefix`` as the official mirror; return the md5s."""
+    import hashlib
+
+    md5s = {}
+    for name in data.MNIST_FILES:
+        body = (idx_dir / name).read_bytes()
+        file_server.add(f"{prefix}{name}", body)
+        md5s[name] = hashlib.md5(body).hexdigest()
+    monkeypatch.setattr(data, "MNIST_FILES", md5s)
+    return md5s

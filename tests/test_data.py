@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import serve_mnist
 
 from fitscope import data
 from fitscope.errors import FitscopeError
@@ -166,14 +167,7 @@ def test_embedded_mnist_split_is_balanced_and_disjoint(tmp_path):
 def test_official_mnist_over_http_with_mirror_fallback(
     tmp_path, file_server, mnist_idx_dir, monkeypatch, fast_retry
 ):
-    import hashlib
-
-    md5s = {}
-    for name in data.MNIST_FILES:
-        body = (mnist_idx_dir / name).read_bytes()
-        file_server.add(f"/good/{name}", body)
-        md5s[name] = hashlib.md5(body).hexdigest()
-    monkeypatch.setattr(data, "MNIST_FILES", md5s)
+    serve_mnist(file_server, mnist_idx_dir, "/good/", monkeypatch)
     monkeypatch.setattr(
         data, "MNIST_MIRRORS", (file_server.base_url + "/dead/", file_server.base_url + "/good/")
     )
@@ -261,14 +255,7 @@ def test_cli_prints_one_line_error_and_exits_nonzero(tmp_path):
 def test_fill_mirror_then_use_it_as_a_directory_source(
     tmp_path, file_server, mnist_idx_dir, monkeypatch, fast_retry
 ):
-    import hashlib
-
-    md5s = {}
-    for name in data.MNIST_FILES:
-        body = (mnist_idx_dir / name).read_bytes()
-        file_server.add(f"/mnist/{name}", body)
-        md5s[name] = hashlib.md5(body).hexdigest()
-    monkeypatch.setattr(data, "MNIST_FILES", md5s)
+    md5s = serve_mnist(file_server, mnist_idx_dir, "/mnist/", monkeypatch)
     monkeypatch.setattr(data, "MNIST_MIRRORS", (file_server.base_url + "/mnist/",))
     written = data.fill_mirror(tmp_path / "mirror", ("mnist",), fast_retry)
     assert sorted(p.name for p in written) == sorted(md5s)

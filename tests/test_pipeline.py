@@ -38,21 +38,30 @@ def test_changing_a_split_param_reruns_only_that_dataset(repo_copy):
     assert manifest["splits"]["val"]["rows"] == 800
 
 
-def set_param(repo, old: str, new: str) -> None:
-    params = repo / "params.yaml"
-    text = params.read_text()
-    assert old in text, old
-    params.write_text(text.replace(old, new))
+def set_param(repo, dotted: str, update) -> None:
+    """Set params.yaml key ``a.b.c`` to ``update(old value)`` (or to ``update``)."""
+    import yaml
+
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    node[last] = update(node[last]) if callable(update) else update
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def study_repo(tmp_path_factory):
-    """The whole pipeline at debug size on a fresh copy of the repository."""
+    """The whole pipeline at debug size on a fresh copy of the repository, run the way
+    `make demo` runs it: `dvc exp run -S study.profile=...` (the results are applied to
+    the workspace)."""
     from conftest import make_repo_copy
 
     repo = make_repo_copy(tmp_path_factory.mktemp("study") / "repo")
-    set_param(repo, "  profile: classic", "  profile: debug")
-    proc = run(["dvc", "repro"], repo)
+    proc = run(["dvc", "exp", "run", "-S", "study.profile=debug"], repo)
+    assert "Experiment results have been applied to your workspace." in proc.stdout
     return repo, proc.stdout
 
 
@@ -119,7 +128,7 @@ def test_second_repro_is_a_noop_and_one_change_reruns_only_its_chain(study_repo)
     repo, _ = study_repo
     again = run(["dvc", "repro"], repo).stdout
     assert "Running stage" not in again and "Data and pipelines are up to date." in again
-    set_param(repo, "regularization=augment}", "regularization=augment optimizer.lr=0.02}")
+    set_param(repo, "variants.mnist-augment.overrides", lambda o: f"{o} optimizer.lr=0.02")
     changed = run(["dvc", "repro"], repo).stdout
     ran = sorted(
         line.split("'")[1] for line in changed.splitlines() if line.startswith("Running stage")
@@ -129,8 +138,8 @@ def test_second_repro_is_a_noop_and_one_change_reruns_only_its_chain(study_repo)
 
 def test_optional_search_pipeline(study_repo):
     repo, _ = study_repo
-    set_param(repo, "  trials: 12", "  trials: 3")
-    set_param(repo, "  epochs: 20", "  epochs: 2")
+    set_param(repo, "search.trials", 3)
+    set_param(repo, "search.epochs", 2)
     out = run(["dvc", "repro", "search/dvc.yaml"], repo).stdout
     assert "Running stage 'search/dvc.yaml:search@random'" in out
     assert "Running stage 'search/dvc.yaml:search@tpe'" in out

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_train
 
 from fitscope import tracking
 
@@ -16,16 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def search(args, cwd, uri):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    env.pop("FITSCOPE_PARENT_RUN_ID", None)
-    return subprocess.run(
-        [sys.executable, "-m", "fitscope.train", "-m", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_train(["-m", *args], cwd, uri)
 
 
 @pytest.fixture

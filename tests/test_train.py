@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, run_train
 
 from fitscope import tracking
 from fitscope.errors import FitscopeError
@@ -138,29 +136,11 @@ def test_invalid_config_is_refused_before_any_work(override, message, processed_
         validate(debug_cfg(processed_dir, tmp_path, override))
 
 
-def run_train(args, cwd, env):
-    return subprocess.run(
-        [sys.executable, "-m", "fitscope.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-@pytest.fixture
-def train_env(tmp_path, mlflow_uri):
-    import os
-
-    return {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
-
-
 def test_cli_batch_size_too_large_is_one_line_and_nothing_is_logged(
-    processed_dir, tmp_path, train_env
+    processed_dir, tmp_path, mlflow_uri
 ):
     proc = run_train(
-        [f"paths.data_dir={processed_dir}", "data.batch_size=50000"], tmp_path, train_env
+        [f"paths.data_dir={processed_dir}", "data.batch_size=50000"], tmp_path, mlflow_uri
     )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
@@ -173,7 +153,7 @@ def test_cli_batch_size_too_large_is_one_line_and_nothing_is_logged(
 
 
 @pytest.mark.slow
-def test_nan_loss_marks_the_run_failed_and_exits_nonzero(processed_dir, tmp_path, train_env):
+def test_nan_loss_marks_the_run_failed_and_exits_nonzero(processed_dir, tmp_path, mlflow_uri):
     proc = run_train(
         [
             f"paths.data_dir={processed_dir}",
@@ -185,7 +165,7 @@ def test_nan_loss_marks_the_run_failed_and_exits_nonzero(processed_dir, tmp_path
             "model=large",
         ],
         tmp_path,
-        train_env,
+        mlflow_uri,
     )
     assert proc.returncode == 2, proc.stderr
     assert "fitscope: error: training loss became nan" in proc.stderr
@@ -197,7 +177,7 @@ def test_nan_loss_marks_the_run_failed_and_exits_nonzero(processed_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, train_env):
+def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, mlflow_uri):
     args = [
         "-m",
         f"paths.data_dir={processed_dir}",
@@ -208,7 +188,7 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, train
         "hydra.launcher.n_jobs=2",
         "logger.log_model=false",
     ]
-    proc = run_train(args, tmp_path, train_env)
+    proc = run_train(args, tmp_path, mlflow_uri)
     assert proc.returncode == 0, proc.stderr
     client = tracking.get_client()
     exp = client.get_experiment_by_name("t_sweep").experiment_id
@@ -226,7 +206,7 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, train
     assert best in {c.info.run_id for c in children}
     # Re-running the same sweep (after a crash, say) skips both finished jobs and files
     # them under the same parent run.
-    again = run_train(args, tmp_path, train_env)
+    again = run_train(args, tmp_path, mlflow_uri)
     assert again.returncode == 0, again.stderr
     assert (again.stdout + again.stderr).count("already finished with this config") == 2
     assert len(client.search_runs([exp])) == 3
@@ -270,7 +250,7 @@ def test_four_concurrent_writers_on_a_fresh_store_lose_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, train_env):
+def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, mlflow_uri):
     # One job diverges (NaN), the other trains: the sweep finishes both, then exits 1.
     proc = run_train(
         [
@@ -285,7 +265,7 @@ def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, train_env):
             "logger.log_model=false",
         ],
         tmp_path,
-        train_env,
+        mlflow_uri,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

@@ -75,7 +75,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from fitscope.evaluate import evaluate_variant
 
     result = evaluate_variant(args.variant, args.runs, args.out)
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if not k.endswith("_std"))
+    keys = ("test_loss", "test_acc", "test_auroc", "train_eval_loss")
+    shown = ", ".join(f"{k}={result[k]:.4f}" for k in keys if k in result)
     print(f"evaluated {args.variant}: {shown}")
 
 

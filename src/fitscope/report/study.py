@@ -119,10 +119,10 @@ def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str
         }
         if dataset == "higgs":
             row["val AUROC"] = _fmt(*r.stat("best_val_auroc"), n)
-        row["test loss"] = _fmt(r.test["test_loss"], r.test["test_loss_std"], n)
-        row["test acc"] = _fmt(r.test["test_acc"], r.test["test_acc_std"], n)
+        row["test loss"] = _fmt(r.test["test_loss"], r.test.get("test_loss_std", 0.0), n)
+        row["test acc"] = _fmt(r.test["test_acc"], r.test.get("test_acc_std", 0.0), n)
         if dataset == "higgs":
-            row["test AUROC"] = _fmt(r.test["test_auroc"], r.test["test_auroc_std"], n)
+            row["test AUROC"] = _fmt(r.test["test_auroc"], r.test.get("test_auroc_std", 0.0), n)
         row.update(
             {
                 "selected epoch": _fmt(*r.stat("best_epoch"), n, 0),
