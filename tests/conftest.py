@@ -261,3 +261,10 @@ def serve_mnist(file_server, idx_dir: Path, prefix: str, monkeypatch) -> dict[st
         md5s[name] = hashlib.md5(body).hexdigest()
     monkeypatch.setattr(data, "MNIST_FILES", md5s)
     return md5s
+
+
+def last_error_line(proc: subprocess.CompletedProcess, returncode: int) -> str:
+    """Assert the exit code and that no traceback was printed; return stderr's last line."""
+    assert proc.returncode == returncode, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[-1]

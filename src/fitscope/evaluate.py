@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from fitscope.data import load_split
 from fitscope.errors import FitscopeError
 from fitscope.fileio import write_json
-from fitscope.models import build_mlp
+from fitscope.models import build_mlp_from_config
 from fitscope.training import classification_metrics
 
 
@@ -25,18 +25,8 @@ def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise FitscopeError(f"{path} not found. Fix: run the train stage first (`dvc repro`)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     cfg = saved["config"]
-    outputs = 1 if cfg["data"]["task"] == "binary" else cfg["data"]["num_classes"]
-    reg, model = cfg["regularization"], cfg["model"]
-    mlp = build_mlp(
-        saved["state_dict"]["0.weight"].shape[1],
-        outputs,
-        width=model["width"],
-        depth=model["depth"],
-        activation=model["activation"],
-        dropout=reg["dropout"],
-        batchnorm=reg["batchnorm"],
-        init="torch_default",
-    )
+    # The weights come from the file, so the initializer is irrelevant (skip it).
+    mlp = build_mlp_from_config(cfg, saved["state_dict"]["0.weight"].shape[1], init="torch_default")
     mlp.load_state_dict(saved["state_dict"])
     return mlp.eval(), cfg
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +71,27 @@ def build_mlp(
     model = nn.Sequential(*layers)
     _initialize(model, init)
     return model
+
+
+def build_mlp_from_config(
+    cfg: Mapping[str, Any], in_features: int, init: str | None = None
+) -> nn.Sequential:
+    """``build_mlp`` from a composed config's ``data``, ``model`` and ``regularization``.
+
+    ``init`` overrides ``model.init`` (e.g. ``torch_default`` before loading weights).
+    """
+    data, model, reg = cfg["data"], cfg["model"], cfg["regularization"]
+    outputs = 1 if data["task"] == "binary" else data["num_classes"]
+    return build_mlp(
+        in_features,
+        outputs,
+        width=model["width"],
+        depth=model["depth"],
+        activation=model["activation"],
+        dropout=reg["dropout"],
+        batchnorm=reg["batchnorm"],
+        init=init or model["init"],
+    )
 
 
 def _initialize(model: nn.Module, init: str) -> None:

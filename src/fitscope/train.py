@@ -167,7 +167,7 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
     import torch
     from pytorch_lightning.callbacks import EarlyStopping
 
-    from fitscope.models import ProbabilityModel, build_mlp, count_parameters
+    from fitscope.models import ProbabilityModel, build_mlp_from_config, count_parameters
     from fitscope.tracking import MlflowEpochLogger
     from fitscope.training import EpochHistory, FitModule, RestoreBestWeights
 
@@ -176,18 +176,8 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
     # Lightning's start-up banners (GPU available, tips) add nothing to our logs.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    num_outputs = 1 if cfg.data.task == "binary" else cfg.data.num_classes
     reg = cfg.regularization
-    mlp = build_mlp(
-        dm.num_features,
-        num_outputs,
-        width=cfg.model.width,
-        depth=cfg.model.depth,
-        activation=cfg.model.activation,
-        dropout=reg.dropout,
-        batchnorm=reg.batchnorm,
-        init=cfg.model.init,
-    )
+    mlp = build_mlp_from_config(cfg, dm.num_features)
     steps = len(dm.train_dataloader())
     module = FitModule(
         mlp,
