@@ -29,14 +29,14 @@ class Snapshots(pl.Callback):
         self.states[trainer.current_epoch] = copy.deepcopy(pl_module.state_dict())
 
 
-def fit(dm, *, epochs, lr, patience=None, width=64, depth=2):
+def fit(dm, *, epochs, lr, patience=None, width=64, depth=2, scheduler=None):
     torch.manual_seed(0)
     module = FitModule(
         build_mlp(28, 1, width=width, depth=depth),
         task="binary",
         num_classes=2,
         optimizer={"name": "adam", "lr": lr, "eps": 1e-7},
-        scheduler={"name": "none"},
+        scheduler=scheduler or {"name": "none"},
         steps_per_epoch=len(dm.train_dataloader()),
     )
     history, restore, snaps = EpochHistory(), RestoreBestWeights(), Snapshots()
@@ -99,6 +99,19 @@ def test_history_rows_hold_train_and_val_metrics(small_higgs):
     ):
         assert math.isfinite(row[key]), key
     assert row["train/l2_penalty"] == 0.0
+
+
+def test_every_batch_is_one_counted_optimizer_step_of_the_inverse_time_schedule(small_higgs):
+    schedule = {"name": "inverse_time", "decay_epochs": 2}
+    module, history, _, _ = fit(
+        small_higgs, epochs=3, lr=1e-3, width=8, depth=1, scheduler=schedule
+    )
+    steps = len(small_higgs.train_dataloader())
+    assert module.trainer.global_step == 3 * steps  # Lightning sees every optimizer step
+    # The lr recorded after epoch e has been decayed by (e + 1) * steps scheduler steps.
+    for row in history.rows:
+        done = (row["epoch"] + 1) * steps
+        assert row["lr"] == pytest.approx(1e-3 / (1 + done / (2 * steps)))
 
 
 def test_metrics_use_probabilities_not_logits():

@@ -1,7 +1,8 @@
 """``make bench``: side-by-side speed ratios measured in one run (no absolute claims).
 
 1. A Lightning epoch of the tiny HIGGS model vs a plain PyTorch loop doing the
-   same work (same batches, optimizer, schedule, per-epoch validation and metrics).
+   same work (same batches, optimizer, schedule, per-epoch validation and metrics),
+   and Lightning's floor: the same Trainer running steps that do no work.
 2. In-memory tensor batches vs a default DataLoader over a TensorDataset.
 3. ``nn.Dropout`` vs the mask-based ``FastDropout`` in the large model.
 """
@@ -75,13 +76,40 @@ def plain_loop(dm: ArrayDataModule, epochs: int, seed: int = 0) -> float:
     return time.perf_counter() - start
 
 
-def lightning_loop(dm: ArrayDataModule, epochs: int, seed: int = 0) -> float:
-    """Seconds for ``epochs`` epochs of FitModule under the Trainer settings train.py uses."""
+class EmptySteps(FitModule):
+    """FitModule with training and validation steps that do nothing: what is left of an
+    epoch is Lightning's own loop, hook and callback machinery (plus batch iteration)."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        return None
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        return None
+
+    def on_validation_epoch_end(self) -> None:
+        self.log(self.monitor, 0.0, on_epoch=True, logger=False)
+
+
+def iterate_only(dm: ArrayDataModule, epochs: int) -> float:
+    """Seconds to iterate the training and validation batches ``epochs`` times."""
+    train_batches, val_batches = dm.train_dataloader(), dm.val_dataloader()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for batches in (train_batches, val_batches):
+            for _batch in batches:
+                pass
+    return time.perf_counter() - start
+
+
+def lightning_loop(
+    dm: ArrayDataModule, epochs: int, seed: int = 0, module_cls: type[FitModule] = FitModule
+) -> float:
+    """Seconds for ``epochs`` epochs of ``module_cls`` under the Trainer settings train.py uses."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EarlyStopping
 
     torch.manual_seed(seed)
-    module = FitModule(
+    module = module_cls(
         build_mlp(28, 1, width=16, depth=1),
         task="binary",
         num_classes=2,
@@ -151,15 +179,22 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as tmp:
         dm = _higgs(Path(tmp))
-        plain_loop(dm, 3)  # warm-up both paths
+        plain_loop(dm, 3)  # warm-up every path
         lightning_loop(dm, 3)
-        plain, light = [], []
-        for _ in range(args.rounds):  # interleaved, so drift hits both sides alike
+        lightning_loop(dm, 3, module_cls=EmptySteps)
+        plain, light, floor, iterate = [], [], [], []
+        for _ in range(args.rounds):  # interleaved, so drift hits every side alike
             plain.append(plain_loop(dm, args.epochs))
             light.append(lightning_loop(dm, args.epochs))
+            floor.append(lightning_loop(dm, args.epochs, module_cls=EmptySteps))
+            iterate.append(iterate_only(dm, args.epochs))
         fast, default = default_dataloader_epoch(dm, 50)
     p, li = statistics.median(plain), statistics.median(light)
+    fl, it = statistics.median(floor), statistics.median(iterate)
     ratios = sorted(b / a for a, b in zip(plain, light, strict=True))
+    # Best any per-batch LightningModule could reach: the plain loop plus Lightning's
+    # floor, minus the batch iteration that both already contain.
+    best = sorted((a + f - i) / a for a, f, i in zip(plain, floor, iterate, strict=True))
     print(f"tiny HIGGS model, {args.epochs} epochs x {args.rounds} interleaved rounds, 1 thread:")
     print(f"  plain torch loop   {1000 * p / args.epochs:7.2f} ms/epoch (median)")
     print(f"  Lightning loop     {1000 * li / args.epochs:7.2f} ms/epoch (median)")
@@ -167,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
         f"  ratio Lightning / plain: median of rounds {statistics.median(ratios):.2f}x, "
         f"best-of-each {min(light) / min(plain):.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x "
         "(target <= 1.3x)"
+    )
+    print(f"  Lightning floor  {1000 * fl / args.epochs:7.2f} ms/epoch (same Trainer, no-op steps)")
+    print(f"  batch iteration  {1000 * it / args.epochs:7.2f} ms/epoch (no work at all)")
+    print(
+        f"  lowest reachable ratio, (plain + floor - iteration) / plain: "
+        f"median {statistics.median(best):.2f}x, range {best[0]:.2f}-{best[-1]:.2f}x"
     )
     print(f"  default DataLoader / tensor batches (iteration only) = {default / fast:.1f}x")
     nn_drop = statistics.median(dropout_step(nn.Dropout(0.5), 20) for _ in range(3))

@@ -89,16 +89,27 @@ class FitModule(pl.LightningModule):
         self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._penalty_sum = torch.zeros(())
         self.epoch_metrics: dict[str, float] = {}
-        # Manual optimization: one plain zero_grad/backward/step per batch. Lightning's
+        # Manual optimization: one zero_grad/backward/step per batch. Lightning's
         # automatic closure machinery costs more than the whole step of a tiny MLP.
         self.automatic_optimization = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets `_current_fx_name` (a str or None) around every hook call, ~30
+        # times per training step. nn.Module.__setattr__ would spend that time on
+        # Parameter/Buffer/Module checks that a str cannot match; the result is the same.
+        if name == "_current_fx_name" and (value is None or type(value) is str):
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        optimizer = self.optimizers(use_pl_optimizer=False)
+        # The LightningOptimizer wrapper (not the raw optimizer) so that its step counts
+        # towards trainer.global_step, which step-based Lightning features rely on.
+        optimizer = self.optimizers()
         logits = self.model(x)
         loss = data_loss(self.task, logits, y)
         self._train_out.append((logits.detach(), y))
