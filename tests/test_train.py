@@ -123,6 +123,8 @@ def test_finished_config_is_skipped_unless_forced(processed_dir, tmp_path, mlflo
         ("optimizer.lr=0", "optimizer.lr must be > 0"),
         ("regularization=augment", "augment_shift applies to MNIST images only"),
         ("callbacks.early_stopping.patience=0", "patience=0 must be >= 1"),
+        ("trainer.precision=64", "trainer.precision=64 is not valid"),
+        ("trainer.precision=16-mixed", "16-mixed needs trainer=gpu"),
     ],
 )
 def test_invalid_config_is_refused_before_any_work(override, message, processed_dir, tmp_path):
@@ -134,6 +136,14 @@ def test_invalid_config_is_refused_before_any_work(override, message, processed_
         return
     with pytest.raises(FitscopeError, match=message.replace("(", r"\(")):
         validate(debug_cfg(processed_dir, tmp_path, override))
+
+
+def test_gpu_without_cuda_is_refused_before_any_work(processed_dir, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FitscopeError, match=r"trainer=gpu but torch .* sees no CUDA GPU\. Fix:"):
+        validate(debug_cfg(processed_dir, tmp_path, "trainer.accelerator=gpu"))
 
 
 def test_cli_batch_size_too_large_is_one_line_and_nothing_is_logged(

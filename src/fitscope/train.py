@@ -42,6 +42,8 @@ def validate(cfg: DictConfig) -> None:
     check_choice("data.task", cfg.data.task, ("binary", "multiclass"))
     check_number("data.batch_size", cfg.data.batch_size, low=1, integer=True)
     check_number("data.train_size", cfg.data.train_size, low=1, integer=True, allow_none=True)
+    import torch
+
     from fitscope.models import ACTIVATIONS, INITS
 
     check_number("model.width", cfg.model.width, low=1, integer=True)
@@ -69,6 +71,16 @@ def validate(cfg: DictConfig) -> None:
     check_number("callbacks.early_stopping.patience", es.patience, low=1, integer=True)
     check_number("callbacks.early_stopping.min_delta", es.min_delta, low=0.0)
     check_choice("trainer.accelerator", cfg.trainer.accelerator, ("cpu", "gpu", "auto"))
+    check_choice("trainer.precision", cfg.trainer.precision, ("32-true", "bf16-mixed", "16-mixed"))
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        raise FitscopeError(
+            f"trainer=gpu but torch {torch.__version__} sees no CUDA GPU. Fix: use "
+            "trainer=cpu, or a machine with a GPU and a CUDA build of torch"
+        )
+    if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator != "gpu":
+        raise FitscopeError(
+            "trainer.precision=16-mixed needs trainer=gpu. Fix: use 32-true or bf16-mixed on CPU"
+        )
     check_number("trainer.max_epochs", cfg.trainer.max_epochs, low=1, integer=True)
     check_number("trainer.num_threads", cfg.trainer.num_threads, low=1, integer=True)
     check_choice("logger.name", cfg.logger.name, ("mlflow", "none"))
