@@ -14,7 +14,13 @@ from torchmetrics.classification import BinaryAUROC
 
 from fitscope.datamodules import ArrayDataModule, TensorBatches, shift_images
 from fitscope.models import build_mlp
-from fitscope.training import EpochHistory, FitModule, RestoreBestWeights, classification_metrics
+from fitscope.training import (
+    EpochHistory,
+    FitModule,
+    RestoreBestWeights,
+    build_trainer,
+    classification_metrics,
+)
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
@@ -43,15 +49,7 @@ def fit(dm, *, epochs, lr, patience=None, width=64, depth=2, scheduler=None):
     callbacks = [history, snaps, restore]
     if patience:
         callbacks.append(EarlyStopping(monitor="val/loss", patience=patience, check_finite=False))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    trainer = build_trainer(callbacks, max_epochs=epochs)
     trainer.fit(module, datamodule=dm)
     return module, history, restore, snaps
 

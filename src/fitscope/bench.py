@@ -27,6 +27,7 @@ from fitscope.training import (
     EpochHistory,
     FitModule,
     RestoreBestWeights,
+    build_trainer,
     classification_metrics,
     data_loss,
 )
@@ -104,8 +105,7 @@ def iterate_only(dm: ArrayDataModule, epochs: int) -> float:
 def lightning_loop(
     dm: ArrayDataModule, epochs: int, seed: int = 0, module_cls: type[FitModule] = FitModule
 ) -> float:
-    """Seconds for ``epochs`` epochs of ``module_cls`` under the Trainer settings train.py uses."""
-    import pytorch_lightning as pl
+    """Seconds for ``epochs`` epochs of ``module_cls`` under the Trainer train.py builds."""
     from pytorch_lightning.callbacks import EarlyStopping
 
     torch.manual_seed(seed)
@@ -117,23 +117,12 @@ def lightning_loop(
         scheduler=SCHED,
         steps_per_epoch=len(dm.train_dataloader()),
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        callbacks=[
-            EpochHistory(),
-            RestoreBestWeights(),
-            EarlyStopping(monitor="val/loss", patience=10**6, check_finite=False),
-        ],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=10**9,
-        deterministic=True,
-    )
+    callbacks = [
+        EpochHistory(),
+        RestoreBestWeights(),
+        EarlyStopping(monitor="val/loss", patience=10**6, check_finite=False),
+    ]
+    trainer = build_trainer(callbacks, max_epochs=epochs)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     return time.perf_counter() - start

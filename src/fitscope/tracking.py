@@ -70,9 +70,8 @@ def ensure_experiment(client, name: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = None
-        if _sqlite_path(client.tracking_uri) is not None:
-            location = str(_sqlite_path(client.tracking_uri).parent / "mlartifacts" / name)
+        db = _sqlite_path(client.tracking_uri)
+        location = str(db.parent / "mlartifacts" / name) if db is not None else None
         return client.create_experiment(name, artifact_location=location)
 
 
@@ -124,6 +123,19 @@ def find_finished_run(client, experiment_id: str, chash: str):
     return runs[0] if runs else None
 
 
+def commit_parent_key(key: str, commit: str) -> str:
+    """An explicit parent key scoped to a git commit: one parent per key and commit."""
+    return f"{key}@{commit[:12]}"
+
+
+def _summary_metrics(values: dict[str, float]) -> list:
+    """Single-value metrics (step 0, timestamped now) for one ``log_batch`` call."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items()]
+
+
 def find_or_create_parent(
     client, experiment_id: str, key: str, run_name: str, tags: dict[str, str] | None = None
 ) -> str:
@@ -151,7 +163,7 @@ def close_parent(client, parent_id: str, objective: str) -> dict[str, Any] | Non
     Returns the best child's summary, or None when no child finished (the parent
     is then marked FAILED).
     """
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import RunTag
 
     parent = client.get_run(parent_id)
     children = client.search_runs(
@@ -166,15 +178,13 @@ def close_parent(client, parent_id: str, objective: str) -> dict[str, Any] | Non
         "children_finished": len(done),
         "children_failed": sum(r.info.status == "FAILED" for r in children),
     }
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
     if not done:
-        client.log_batch(parent_id, metrics=metrics)
+        client.log_batch(parent_id, metrics=_summary_metrics(counts))
         client.set_terminated(parent_id, status="FAILED")
         return None
     sign = 1 if objective.endswith("loss") else -1
     best = min(done, key=lambda r: sign * r.data.metrics[key])
-    metrics.append(Metric(key, best.data.metrics[key], now, 0))
+    metrics = _summary_metrics({**counts, key: best.data.metrics[key]})
     tags = [
         RunTag(f"{TAG}best_run_id", best.info.run_id),
         RunTag(f"{TAG}best_variant", best.data.tags.get(f"{TAG}variant", "")),
@@ -223,12 +233,7 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_summary(self, summary: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()]
-        )
+        self.client.log_batch(self.run_id, metrics=_summary_metrics(summary))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

@@ -126,8 +126,7 @@ def train(cfg: DictConfig) -> float:
         augment_shift=cfg.regularization.augment_shift,
         seed=cfg.seed,
     )
-    manifest_sha = dm.manifest_sha256() if dm.manifest_path.exists() else None
-    dm.setup()
+    dm.setup()  # refuses a missing split with a one-line error
 
     tracker = None
     if cfg.logger.name == "mlflow":
@@ -149,7 +148,7 @@ def train(cfg: DictConfig) -> float:
             "fitscope.dataset": cfg.data.name,
             "fitscope.study": cfg.study,
             "fitscope.config_hash": chash,
-            "fitscope.data_manifest_sha256": manifest_sha or "none",
+            "fitscope.data_manifest_sha256": dm.manifest_sha256(),
             "mlflow.source.git.commit": commit,
             "fitscope.git_dirty": str(dirty).lower(),
             **_job_info(),
@@ -157,7 +156,10 @@ def train(cfg: DictConfig) -> float:
         parent = os.environ.get(tracking.PARENT_ENV)
         if not parent and cfg.tracking.parent_key:
             parent = tracking.find_or_create_parent(
-                client, exp_id, f"{cfg.tracking.parent_key}@{commit[:12]}", run_name=cfg.study
+                client,
+                exp_id,
+                tracking.commit_parent_key(cfg.tracking.parent_key, commit),
+                run_name=cfg.study,
             )
         if parent:
             tags[tracking.PARENT_TAG] = parent
@@ -181,7 +183,7 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
 
     from fitscope.models import ProbabilityModel, build_mlp_from_config, count_parameters
     from fitscope.tracking import MlflowEpochLogger
-    from fitscope.training import EpochHistory, FitModule, RestoreBestWeights
+    from fitscope.training import EpochHistory, FitModule, RestoreBestWeights, build_trainer
 
     torch.set_num_threads(cfg.trainer.num_threads)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning-internal deprecation
@@ -221,20 +223,15 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
         callbacks.append(early)
     if tracker is not None:
         callbacks.append(MlflowEpochLogger(tracker, history, every=cfg.logger.flush_every))
-    trainer = pl.Trainer(
+    trainer = build_trainer(
+        callbacks,
+        max_epochs=cfg.trainer.max_epochs,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
-        max_epochs=cfg.trainer.max_epochs,
         deterministic=cfg.trainer.deterministic,
         precision=cfg.trainer.precision,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=cfg.callbacks.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=10**9,
-        default_root_dir=str(run_dir),
+        progress_bar=cfg.callbacks.progress_bar,
+        root_dir=str(run_dir),
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -329,7 +326,7 @@ class MlflowSweepCallback(Callback):
         # An explicit key (the DVC study sets one) groups the sweeps of one pipeline run
         # under one parent: same key and same git commit.
         key = (
-            f"{config.tracking.parent_key}@{tracking.git_state()[0][:12]}"
+            tracking.commit_parent_key(config.tracking.parent_key, tracking.git_state()[0])
             if config.tracking.parent_key
             else tracking.config_hash(identity)
         )

@@ -140,15 +140,14 @@ class FitModule(pl.LightningModule):
             metrics.update({f"train/{k}": v for k, v in self._summarise(self._train_out).items()})
             metrics["train/l2_penalty"] = (self._penalty_sum / n_batches).item()
             metrics["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self._train_out.clear()
             self._penalty_sum = torch.zeros(())
-            self.epoch_metrics = {"epoch": self.current_epoch, **metrics}
-            if not math.isfinite(metrics["train/loss"]):
-                raise NonFiniteLossError(
-                    f"training loss became {metrics['train/loss']} in epoch {self.current_epoch}. "
-                    "Fix: lower optimizer.lr or the regularization strength"
-                )
+        # Set before the finiteness check: EpochHistory keeps the failing epoch's row.
         self.epoch_metrics = {"epoch": self.current_epoch, **metrics}
+        if "train/loss" in metrics and not math.isfinite(metrics["train/loss"]):
+            raise NonFiniteLossError(
+                f"training loss became {metrics['train/loss']} in epoch {self.current_epoch}. "
+                "Fix: lower optimizer.lr or the regularization strength"
+            )
         # Only what callbacks monitor goes through self.log (it costs ~1 ms a key);
         # the full row is in `epoch_metrics` for EpochHistory.
         self.log(self.monitor, metrics[self.monitor], on_epoch=True, logger=False)
@@ -182,6 +181,39 @@ class FitModule(pl.LightningModule):
             optimizer, lambda step: 1.0 / (1.0 + step / decay_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def build_trainer(
+    callbacks: list[pl.Callback],
+    *,
+    max_epochs: int,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    deterministic: bool = True,
+    precision: str = "32-true",
+    progress_bar: bool = False,
+    root_dir: str | None = None,
+) -> pl.Trainer:
+    """The Trainer every fit uses (training and the benchmark).
+
+    Metrics reach MLflow and the CSV through our callbacks, not Lightning's logger;
+    no checkpoints, model summary or sanity validation, each of which costs time.
+    """
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        max_epochs=max_epochs,
+        deterministic=deterministic,
+        precision=precision,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10**9,
+        default_root_dir=root_dir,
+    )
 
 
 class EpochHistory(pl.Callback):
