@@ -9,6 +9,8 @@ STAMP := $(VENV)/.fitscope-installed
 TORCH_INDEX_URL ?=
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
+# dvc with the venv first on PATH, so its stages find fitscope and fitscope-train.
+DVC := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc
 
 .PHONY: install demo study test test-fast bench lint clean
 
@@ -28,7 +30,7 @@ DEMO_GIT_ID := $(if $(shell git config user.email 2>/dev/null),,GIT_AUTHOR_NAME=
 	GIT_COMMITTER_EMAIL=demo@fitscope.invalid)
 
 demo: install
-	$(DEMO_GIT_ID) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run -S study.profile=quick
+	$(DEMO_GIT_ID) $(DVC) exp run -S study.profile=quick
 	@echo
 	@echo "fitscope demo done (quick profile: shortened runs, labelled as such in the report)"
 	@echo "  report:     reports/study.md   (self-contained: reports/study.html)"
@@ -39,11 +41,10 @@ demo: install
 # The classic study with JOBS train stages at a time (dvc repro itself runs stages one by
 # one; DVC releases its lock while a stage runs, so independent stages can overlap).
 JOBS ?= 2
-DVC := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc
 study: install
 	$(DVC) repro split_higgs split_mnist
 	$(DVC) stage list --name-only | grep '^train@' | \
-		xargs -P $(JOBS) -I{} sh -c 'PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc --wait-for-lock repro -s {}'
+		xargs -P $(JOBS) -I{} sh -c '$(DVC) --wait-for-lock repro -s {}'
 	$(DVC) repro
 	@echo "study done: reports/study.md"
 

@@ -64,6 +64,26 @@ def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return shifted.reshape(n, -1)
 
 
+def split_tensors(
+    data_dir: str | Path, split: str, task: str, train_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as float32 features and float (binary) or long (multiclass) targets.
+
+    ``train_size`` keeps the first rows of the training split (other splits are whole).
+    """
+    x, y = load_split(data_dir, split)
+    if split == "train" and train_size is not None:
+        if train_size > len(y):
+            raise FitscopeError(
+                f"data.train_size={train_size} but the training split has "
+                f"{len(y)} rows. Fix: lower data.train_size or enlarge the split"
+            )
+        x, y = x[:train_size], y[:train_size]
+    targets = torch.from_numpy(np.array(y))
+    targets = targets.float() if task == "binary" else targets.long()
+    return torch.from_numpy(np.array(x, dtype=np.float32)), targets
+
+
 class ArrayDataModule(pl.LightningDataModule):
     """Train/val/test splits of one dataset written by the DVC split stage."""
 
@@ -103,17 +123,7 @@ class ArrayDataModule(pl.LightningDataModule):
             return
         self.manifest()
         for split in ("train", "val", "test"):
-            x, y = load_split(self.data_dir, split)
-            if split == "train" and self.train_size is not None:
-                if self.train_size > len(y):
-                    raise FitscopeError(
-                        f"data.train_size={self.train_size} but the training split has "
-                        f"{len(y)} rows. Fix: lower data.train_size or enlarge the split"
-                    )
-                x, y = x[: self.train_size], y[: self.train_size]
-            y_t = torch.from_numpy(np.array(y))
-            y_t = y_t.float() if self.task == "binary" else y_t.long()
-            self.tensors[split] = (torch.from_numpy(np.array(x, dtype=np.float32)), y_t)
+            self.tensors[split] = split_tensors(self.data_dir, split, self.task, self.train_size)
         n_train = len(self.tensors["train"][1])
         if self.batch_size > n_train:
             raise FitscopeError(

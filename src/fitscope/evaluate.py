@@ -7,11 +7,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from fitscope.data import load_split
+from fitscope.datamodules import split_tensors
 from fitscope.errors import FitscopeError
 from fitscope.fileio import write_json
 from fitscope.models import build_mlp_from_config
@@ -32,13 +31,15 @@ def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def _score(
-    mlp: torch.nn.Module, cfg: dict[str, Any], x, y, per_class: bool = False
+    mlp: torch.nn.Module,
+    cfg: dict[str, Any],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    per_class: bool = False,
 ) -> dict[str, float]:
     task, num_classes = cfg["data"]["task"], cfg["data"]["num_classes"]
-    targets = torch.from_numpy(np.array(y))
-    targets = targets.float() if task == "binary" else targets.long()
     with torch.no_grad():
-        logits = mlp(torch.from_numpy(np.array(x, dtype=np.float32)))
+        logits = mlp(x)
     metrics = classification_metrics(task, logits, targets, num_classes)
     if per_class and task == "multiclass":
         accs = multiclass_accuracy(
@@ -56,10 +57,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dic
     """
     mlp, cfg = load_trained(run_dir)
     data_dir = data_dir or cfg["data"]["dir"]
-    result = _score(mlp, cfg, *load_split(data_dir, "test"), per_class=True)
-    x_train, y_train = load_split(data_dir, "train")
-    n = cfg["data"].get("train_size") or len(y_train)
-    result["train_eval_loss"] = _score(mlp, cfg, x_train[:n], y_train[:n])["loss"]
+    task = cfg["data"]["task"]
+    result = _score(mlp, cfg, *split_tensors(data_dir, "test", task), per_class=True)
+    train = split_tensors(data_dir, "train", task, cfg["data"].get("train_size"))
+    result["train_eval_loss"] = _score(mlp, cfg, *train)["loss"]
     return result
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,12 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | os.PathLike[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write ``rows`` (a header row first, where there is one) as CSV, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
 
 
 def write_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:

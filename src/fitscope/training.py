@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from typing import Any
 
@@ -18,7 +17,7 @@ from torchmetrics.functional.classification import (
 )
 
 from fitscope.errors import FitscopeError
-from fitscope.fileio import atomic_path
+from fitscope.fileio import write_csv
 from fitscope.models import l2_penalty
 
 
@@ -238,10 +237,7 @@ class EpochHistory(pl.Callback):
         if not self.rows:
             return
         columns = list(self.rows[0])
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_csv(path, [columns, *([row.get(c, "") for c in columns] for row in self.rows)])
 
 
 class RestoreBestWeights(pl.Callback):

@@ -9,14 +9,14 @@ the same budget exists) the best objective reached after N trials, side by side.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from fitscope.errors import FitscopeError
-from fitscope.fileio import atomic_path
+from fitscope.fileio import atomic_path, write_csv
+from fitscope.report.plotting import pyplot, save_png
 from fitscope.tracking import PARENT_TAG, TAG, get_client
 
 PAIRS = {"mnist_search_random": "mnist_search_tpe", "mnist_search_tpe": "mnist_search_random"}
@@ -101,18 +101,11 @@ def best_so_far(trials: list[Trial]) -> list[float]:
 def _plots(
     client, study: str, trials: list[Trial], other: list[Trial] | None, out: Path, top: list[Trial]
 ) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = []
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        save_png(fig, out / name)
         names.append(name)
 
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -186,13 +179,11 @@ def write_search_report(
     ranked = sorted((t for t in trials if t.objective is not None), key=lambda t: -t.objective)
     top = ranked[:top_n]
     pngs = _plots(client, study, trials, other, out, top)
-    with atomic_path(out / "trials.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(
-            ["trial", "run_id", "status", "lr", "weight_decay", "best_val_acc", "best_epoch"]
-        )
-        for t in trials:
-            writer.writerow(
+    write_csv(
+        out / "trials.csv",
+        [
+            ["trial", "run_id", "status", "lr", "weight_decay", "best_val_acc", "best_epoch"],
+            *(
                 [
                     t.number,
                     t.run_id,
@@ -202,7 +193,10 @@ def write_search_report(
                     "" if t.objective is None else t.objective,
                     t.best_epoch or "",
                 ]
-            )
+                for t in trials
+            ),
+        ],
+    )
     failed = sum(t.objective is None for t in trials)
     md = [
         f"# Hyperparameter search `{study}`\n",

@@ -13,7 +13,8 @@ from typing import Any
 
 from fitscope.errors import FitscopeError
 from fitscope.evaluate import seed_dirs
-from fitscope.fileio import atomic_path
+from fitscope.fileio import atomic_path, write_csv
+from fitscope.report.plotting import pyplot, save_png
 
 # Variants drawn as the reference curve in another study's figure (the classic plots do).
 BASELINES = {"higgs_regularization": "higgs-large", "mnist_augment": "mnist-none"}
@@ -138,11 +139,7 @@ def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str
 
 
 def _figure(results: list[VariantResult], study: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     members = [r for r in results if r.study == study]
     baseline = BASELINES.get(study)
     members = [r for r in results if r.name == baseline] + members
@@ -165,23 +162,23 @@ def _figure(results: list[VariantResult], study: str, path: Path) -> Path:
     ax.set_title(f"{study}: train (dashed) vs validation (solid)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
 def _write_curves(results: list[VariantResult], out: Path) -> None:
     """Seed-0 curves as CSV with plain column names, for `dvc plots show`."""
     for r in results:
-        with atomic_path(out / "curves" / f"{r.name}.csv") as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["epoch", "train_loss", "val_loss", "train_acc", "val_acc"])
-            for h in r.histories[0]:
-                writer.writerow(
+        write_csv(
+            out / "curves" / f"{r.name}.csv",
+            [
+                ["epoch", "train_loss", "val_loss", "train_acc", "val_acc"],
+                *(
                     [int(h["epoch"]), h["train/loss"], h["val/loss"], h["train/acc"], h["val/acc"]]
-                )
+                    for h in r.histories[0]
+                ),
+            ],
+        )
 
 
 def register_champions(results: list[VariantResult]) -> dict[str, str]:
@@ -243,11 +240,11 @@ def write_study_report(
     _write_curves(results, out)
     champions = register_champions(results)
     tables = {d: comparison_rows(results, d) for d in dict.fromkeys(r.dataset for r in results)}
-    with atomic_path(out / "comparison.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        for dataset, rows in tables.items():
-            writer.writerow(["dataset", *rows[0]])
-            writer.writerows([dataset, *row.values()] for row in rows)
+    lines: list[list[str]] = []
+    for dataset, rows in tables.items():  # one header row per dataset: columns differ
+        lines.append(["dataset", *rows[0]])
+        lines += ([dataset, *row.values()] for row in rows)
+    write_csv(out / "comparison.csv", lines)
 
     seeds = max(len(r.runs) for r in results)
     banner = (
