@@ -91,10 +91,9 @@ def _handler(server: FileServer):
                 return
             try:  # in blocks, counting what the client actually took
                 for start in range(0, len(body), 1 << 16):
-                    self.wfile.write(body[start : start + (1 << 16)])
-                    server.bytes_sent[self.path] = server.bytes_sent.get(self.path, 0) + len(
-                        body[start : start + (1 << 16)]
-                    )
+                    chunk = body[start : start + (1 << 16)]
+                    self.wfile.write(chunk)
+                    server.bytes_sent[self.path] = server.bytes_sent.get(self.path, 0) + len(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
 
@@ -261,6 +260,14 @@ def serve_mnist(file_server, idx_dir: Path, prefix: str, monkeypatch) -> dict[st
         md5s[name] = hashlib.md5(body).hexdigest()
     monkeypatch.setattr(data, "MNIST_FILES", md5s)
     return md5s
+
+
+def runs_of(client, study: str) -> tuple[list, list]:
+    """(parent runs, child runs) of MLflow experiment ``study``."""
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
+    return parents, [r for r in runs if r not in parents]
 
 
 def last_error_line(proc: subprocess.CompletedProcess, returncode: int) -> str:

@@ -51,7 +51,7 @@ def test_val_rise_with_train_also_rising_is_not_overfitting():
     assert verdict(hist, best_val_in_dataset=0.55) == "good fit"
 
 
-def _fake_run(root, name, seed, best_val, test_acc):
+def _fake_run(root, name, seed, best_val):
     d = root / "runs" / name / str(seed)
     d.mkdir(parents=True)
     hist = curve(train=[0.7, 0.5, 0.4], val=[0.7, best_val, best_val + 0.05])
@@ -100,7 +100,7 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path):
     }
     for name, vals in {"higgs-a": (0.60, 0.62), "higgs-b": (0.65, 0.65)}.items():
         for seed, v in enumerate(vals):
-            _fake_run(tmp_path, name, seed, v, 0.7)
+            _fake_run(tmp_path, name, seed, v)
         (tmp_path / "metrics").mkdir(exist_ok=True)
         (tmp_path / "metrics" / f"{name}.json").write_text(
             json.dumps(
@@ -131,7 +131,7 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path):
 def test_missing_metrics_is_a_clear_error(tmp_path):
     from fitscope.errors import FitscopeError
 
-    _fake_run(tmp_path, "higgs-a", 0, 0.6, 0.7)
+    _fake_run(tmp_path, "higgs-a", 0, 0.6)
     params = {"variants": {"higgs-a": {"dataset": "higgs", "study": "s", "overrides": ""}}}
     with pytest.raises(FitscopeError, match="evaluate stage"):
         write_study_report(params, tmp_path / "runs", tmp_path / "metrics", tmp_path / "r")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import last_error_line, run_train
+from conftest import last_error_line, run_train, runs_of
 
 from fitscope import tracking
 
@@ -20,28 +19,16 @@ def search(args, cwd, uri):
     return run_train(["-m", *args], cwd, uri)
 
 
-@pytest.fixture
-def uri(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def runs_of(client, study):
-    exp = client.get_experiment_by_name(study)
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
-    return parents, [r for r in runs if r not in parents]
-
-
-def test_four_trial_search_is_tracked_reported_and_resumable(processed_dir, tmp_path, uri):
+def test_four_trial_search_is_tracked_reported_and_resumable(processed_dir, tmp_path, mlflow_uri):
     args = [
         "hparams_search=mnist_random",
         "hydra.sweeper.n_trials=4",
         "trainer.max_epochs=3",
         f"paths.data_dir={processed_dir}",
     ]
-    first = search(args, tmp_path, uri)
+    first = search(args, tmp_path, mlflow_uri)
     assert first.returncode == 0, first.stderr
-    client = tracking.get_client(uri)
+    client = tracking.get_client(mlflow_uri)
     parents, children = runs_of(client, "mnist_search_random")
     assert len(parents) == 1 and len(children) == 4
     assert parents[0].info.status == "FINISHED"
@@ -57,17 +44,15 @@ def test_four_trial_search_is_tracked_reported_and_resumable(processed_dir, tmp_
     assert parents[0].data.metrics["best/val/acc"] == pytest.approx(best)
 
     # A restart of the same search (same name and seed) re-runs nothing.
-    again = search(args, tmp_path, uri)
+    again = search(args, tmp_path, mlflow_uri)
     assert again.returncode == 0, again.stderr
     assert (again.stdout + again.stderr).count("already finished with this config") == 4
     parents_again, children_again = runs_of(client, "mnist_search_random")
     assert len(parents_again) == 1 and len(children_again) == 4
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    report = subprocess.run(
+    report = subprocess.run(  # MLFLOW_TRACKING_URI is set by the mlflow_uri fixture
         [sys.executable, "-m", "fitscope.report.search", "mnist_search_random"],
         cwd=tmp_path,
-        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -82,7 +67,7 @@ def test_four_trial_search_is_tracked_reported_and_resumable(processed_dir, tmp_
         assert len(list(csv.DictReader(fh))) == 4
 
 
-def test_search_whose_trials_all_fail_ends_cleanly(processed_dir, tmp_path, uri):
+def test_search_whose_trials_all_fail_ends_cleanly(processed_dir, tmp_path, mlflow_uri):
     proc = search(
         [
             "hparams_search=mnist_random",
@@ -93,10 +78,10 @@ def test_search_whose_trials_all_fail_ends_cleanly(processed_dir, tmp_path, uri)
             "optimizer.lr=tag(log, interval(1e6, 1e8))",
         ],
         tmp_path,
-        uri,
+        mlflow_uri,
     )
     assert last_error_line(proc, 1).startswith("fitscope: error: every job of the sweep failed")
-    parents, children = runs_of(tracking.get_client(uri), "t_fail")
+    parents, children = runs_of(tracking.get_client(mlflow_uri), "t_fail")
     assert len(children) == 3
     assert {c.info.status for c in children} == {"FAILED"}
     assert all("loss became nan" in c.data.tags["fitscope.failure"] for c in children)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import compose, last_error_line, run_train
+from conftest import compose, last_error_line, run_train, runs_of
 
 from fitscope import tracking
 from fitscope.errors import FitscopeError
@@ -139,8 +139,6 @@ def test_invalid_config_is_refused_before_any_work(override, message, processed_
 
 
 def test_gpu_without_cuda_is_refused_before_any_work(processed_dir, tmp_path, monkeypatch):
-    import torch
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FitscopeError, match=r"trainer=gpu but torch .* sees no CUDA GPU\. Fix:"):
         validate(debug_cfg(processed_dir, tmp_path, "trainer.accelerator=gpu"))
@@ -198,10 +196,7 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, mlflo
     proc = run_train(args, tmp_path, mlflow_uri)
     assert proc.returncode == 0, proc.stderr
     client = tracking.get_client()
-    exp = client.get_experiment_by_name("t_sweep").experiment_id
-    runs = client.search_runs([exp])
-    parents = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
-    children = [r for r in runs if r not in parents]
+    parents, children = runs_of(client, "t_sweep")
     assert len(parents) == 1 and len(children) == 2
     assert parents[0].info.status == "FINISHED"
     assert {c.data.tags[tracking.PARENT_TAG] for c in children} == {parents[0].info.run_id}
@@ -216,7 +211,7 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, mlflo
     again = run_train(args, tmp_path, mlflow_uri)
     assert again.returncode == 0, again.stderr
     assert (again.stdout + again.stderr).count("already finished with this config") == 2
-    assert len(client.search_runs([exp])) == 3
+    assert sum(map(len, runs_of(client, "t_sweep"))) == 3  # no new parent or child
 
 
 def _writer(args):
@@ -277,11 +272,6 @@ def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, mlflow_uri):
     assert last_error_line(proc, 1).startswith(
         "fitscope: error: 1 job(s) of the sweep failed (large-none)"
     )
-    client = tracking.get_client()
-    exp = client.get_experiment_by_name("t_mixed").experiment_id
-    statuses = sorted(
-        r.info.status
-        for r in client.search_runs([exp])
-        if r.data.tags.get("fitscope.role") != "parent"
-    )
+    _, children = runs_of(tracking.get_client(), "t_mixed")
+    statuses = sorted(r.info.status for r in children)
     assert statuses == ["FAILED", "FINISHED"]
