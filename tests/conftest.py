@@ -231,6 +231,8 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import fitscope.schema  # noqa: F401  (registers the schema that conf/train.yaml names)
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
 

@@ -123,7 +123,7 @@ def test_finished_config_is_skipped_unless_forced(processed_dir, tmp_path, mlflo
         ("optimizer.lr=0", "optimizer.lr must be > 0"),
         ("regularization=augment", "augment_shift applies to MNIST images only"),
         ("callbacks.early_stopping.patience=0", "patience=0 must be >= 1"),
-        ("trainer.precision=64", "trainer.precision=64 is not valid"),
+        ("trainer.precision=64", "trainer.precision='64' is not valid"),
         ("trainer.precision=16-mixed", "16-mixed needs trainer=gpu"),
     ],
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import fields
 from typing import Any, TypeVar
 
@@ -46,8 +48,25 @@ def check_number(
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
     if not ok_type or isinstance(value, bool):
         raise FitscopeError(f"{where}={value!r} must be {kind}. Fix: correct the config")
+    if not math.isfinite(value):  # NaN passes every comparison below
+        raise FitscopeError(f"{where}={value!r} must be a finite number. Fix: correct the config")
     if low is not None and value < low:
         raise FitscopeError(f"{where}={value!r} must be >= {low}. Fix: correct the config")
     if high is not None and (value >= high if high_open else value > high):
         bound = f"< {high}" if high_open else f"<= {high}"
         raise FitscopeError(f"{where}={value!r} must be {bound}. Fix: correct the config")
+
+
+# Names that end up in paths, MLflow experiment/run names and filter strings.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_name(where: str, value: Any, *, allow_none: bool = False) -> None:
+    """``value`` must be a safe name: ``[A-Za-z0-9][A-Za-z0-9_.-]*`` and no ``..``."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or ".." in value:
+        raise FitscopeError(
+            f"{where}={value!r} is not a valid name. Fix: use letters, digits, '_', '.' and "
+            "'-' only, starting with a letter or digit, without '..'"
+        )

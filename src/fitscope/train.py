@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,9 +22,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fitscope.config import check_choice, check_number
+from fitscope import schema
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, write_json
+from fitscope.sweeps import callback_errors_exit, validate_jobs, validate_run
 
 log = logging.getLogger("fitscope.train")
 
@@ -37,56 +39,20 @@ def _conf_dir() -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Refuse a bad composed config before any work starts (one clear error)."""
-    check_choice("data.name", cfg.data.name, ("higgs", "mnist"))
-    check_choice("data.task", cfg.data.task, ("binary", "multiclass"))
-    check_number("data.batch_size", cfg.data.batch_size, low=1, integer=True)
-    check_number("data.train_size", cfg.data.train_size, low=1, integer=True, allow_none=True)
-    import torch
+    """Refuse a bad composed config before any work starts (one clear error).
 
-    from fitscope.models import ACTIVATIONS, INITS
+    The schema (fitscope.schema) checks every key; this adds what depends on the
+    machine, such as a GPU being there.
+    """
+    schema.check(cfg)
+    if cfg.trainer.accelerator == "gpu":
+        import torch
 
-    check_number("model.width", cfg.model.width, low=1, integer=True)
-    check_number("model.depth", cfg.model.depth, low=0, integer=True)
-    check_choice("model.activation", cfg.model.activation, tuple(ACTIVATIONS))
-    check_choice("model.init", cfg.model.init, INITS)
-    reg = cfg.regularization
-    check_number("regularization.l2", reg.l2, low=0.0)
-    check_number("regularization.dropout", reg.dropout, low=0.0, high=1.0, high_open=True)
-    check_number("regularization.augment_shift", reg.augment_shift, low=0, high=8, integer=True)
-    if reg.augment_shift and cfg.data.name != "mnist":
-        raise FitscopeError(
-            "regularization.augment_shift applies to MNIST images only. "
-            "Fix: use data=mnist or regularization=none"
-        )
-    check_choice("optimizer.name", cfg.optimizer.name, ("adam", "sgd"))
-    check_number("optimizer.lr", cfg.optimizer.lr, low=0.0)
-    if not cfg.optimizer.lr > 0:
-        raise FitscopeError("optimizer.lr must be > 0. Fix: set a positive learning rate")
-    check_choice("scheduler.name", cfg.scheduler.name, ("inverse_time", "none"))
-    if cfg.scheduler.name == "inverse_time":
-        check_number("scheduler.decay_epochs", cfg.scheduler.decay_epochs, low=1)
-    es = cfg.callbacks.early_stopping
-    check_choice("callbacks.early_stopping.mode", es.mode, ("min", "max"))
-    check_number("callbacks.early_stopping.patience", es.patience, low=1, integer=True)
-    check_number("callbacks.early_stopping.min_delta", es.min_delta, low=0.0)
-    check_choice("trainer.accelerator", cfg.trainer.accelerator, ("cpu", "gpu", "auto"))
-    check_choice("trainer.precision", cfg.trainer.precision, ("32-true", "bf16-mixed", "16-mixed"))
-    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        raise FitscopeError(
-            f"trainer=gpu but torch {torch.__version__} sees no CUDA GPU. Fix: use "
-            "trainer=cpu, or a machine with a GPU and a CUDA build of torch"
-        )
-    if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator != "gpu":
-        raise FitscopeError(
-            "trainer.precision=16-mixed needs trainer=gpu. Fix: use 32-true or bf16-mixed on CPU"
-        )
-    check_number("trainer.max_epochs", cfg.trainer.max_epochs, low=1, integer=True)
-    check_number("trainer.num_threads", cfg.trainer.num_threads, low=1, integer=True)
-    check_choice("logger.name", cfg.logger.name, ("mlflow", "none"))
-    check_choice("objective", cfg.objective, ("val/loss", "val/acc", "val/auroc"))
-    if cfg.objective == "val/auroc" and cfg.data.task != "binary":
-        raise FitscopeError("objective=val/auroc needs a binary task. Fix: use val/loss or val/acc")
+        if not torch.cuda.is_available():
+            raise FitscopeError(
+                f"trainer=gpu but torch {torch.__version__} sees no CUDA GPU. Fix: use "
+                "trainer=cpu, or a machine with a GPU and a CUDA build of torch"
+            )
 
 
 def _job_info() -> dict[str, str]:
@@ -304,9 +270,19 @@ def _finite(value: float | None, name: str) -> float:
 
 
 class MlflowSweepCallback(Callback):
-    """Groups a multirun's jobs under one MLflow parent run (created before any job)."""
+    """Validates every run and sweep job first; groups a multirun's jobs under one MLflow
+    parent run (created before any job)."""
 
+    @callback_errors_exit
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Before Hydra creates the run directory: a bad config leaves nothing behind.
+        validate_run(config, validate)
+
+    @callback_errors_exit
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Every job is checked before anything exists: a bad job creates no parent run.
+        jobs = validate_jobs(config, validate)
+        log.info("sweep of %d job(s) validated; outputs in %s", jobs, config.hydra.sweep.dir)
         (Path(config.hydra.sweep.dir) / FAILED_JOBS).unlink(missing_ok=True)
         if config.logger.name != "mlflow":
             return
@@ -399,8 +375,23 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """Console script ``fitscope-train``."""
-    _hydra_main()
+    """Console script ``fitscope-train``: every usage error is one line and exit code 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fitscope.sweeps import usage_error
+
+    # Hydra prints its own errors over several lines and exits 1; with this set it raises
+    # them, and they are printed here the way fitscope prints every usage error.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except FitscopeError as exc:
+        print(f"fitscope: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"fitscope: error: {usage_error(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
