@@ -65,7 +65,7 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     import mlflow
 
     x = np.load(processed_dir / "higgs" / "val_x.npy")[:64]
-    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     mlp = build_mlp(28, 1, width=16, depth=2)
     mlp.load_state_dict(saved["state_dict"])
     expected = ProbabilityModel(mlp.eval(), "binary")(torch.from_numpy(x)).detach().numpy()

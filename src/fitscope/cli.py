@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from fitscope import data
-from fitscope.config import from_mapping
+from fitscope.config import check_name, from_mapping
 from fitscope.download import RetryPolicy
 from fitscope.errors import FitscopeError
 
@@ -71,9 +71,22 @@ def cmd_mirror(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from fitscope import stages
+
+    stages.run_train(stages.train_overrides(load_params(args.params), args.variant))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from fitscope import stages
+
+    stages.run_train(stages.search_overrides(load_params(args.params), args.sampler))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from fitscope.evaluate import evaluate_variant
 
+    check_name("variant", args.variant)
     result = evaluate_variant(args.variant, args.runs, args.out)
     keys = ("test_loss", "test_acc", "test_auroc", "train_eval_loss")
     shown = ", ".join(f"{k}={result[k]:.4f}" for k in keys if k in result)
@@ -111,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--datasets", nargs="+", choices=["higgs", "mnist"], default=["higgs", "mnist"]
     )
     mirror.set_defaults(func=cmd_mirror)
+
+    train = sub.add_parser("train", help="train one variant of params.yaml (DVC train stage)")
+    train.add_argument("variant")
+    train.set_defaults(func=cmd_train)
+
+    search = sub.add_parser("search", help="run the params.yaml search with one sampler")
+    search.add_argument("sampler", choices=["random", "tpe"])
+    search.set_defaults(func=cmd_search)
 
     evaluate = sub.add_parser("evaluate", help="score a trained variant on the test split")
     evaluate.add_argument("variant")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import statistics
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,19 @@ def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     path = Path(run_dir) / "model.pt"
     if not path.exists():
         raise FitscopeError(f"{path} not found. Fix: run the train stage first (`dvc repro`)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = saved["config"]
+    try:
+        # weights_only: a model.pt is data (tensors, plain config values), never code.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        cfg, state = saved["config"], saved["state_dict"]
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FitscopeError(
+            f"refusing to load {path}: not a fitscope model file of plain weights ({first[:200]}). "
+            "Fix: retrain it (`dvc repro -f -s train@<variant>`); never load files you did not make"
+        ) from None
     # The weights come from the file, so the initializer is irrelevant (skip it).
-    mlp = build_mlp_from_config(cfg, saved["state_dict"]["0.weight"].shape[1], init="torch_default")
-    mlp.load_state_dict(saved["state_dict"])
+    mlp = build_mlp_from_config(cfg, state["0.weight"].shape[1], init="torch_default")
+    mlp.load_state_dict(state)
     return mlp.eval(), cfg
 
 

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,6 +24,9 @@ HINT = "`python -m fitscope.train --help` lists the groups, `--cfg job` every ke
 
 def usage_error(exc: HydraException | OmegaConfBaseException) -> str:
     """One line for a Hydra/OmegaConf usage error (Hydra prints several)."""
+    if isinstance(exc, OverrideParseException):
+        message = exc.message.splitlines()[0] if exc.message else "syntax error"
+        return f"cannot parse override {exc.override!r}: {message}. Fix: correct its syntax"
     if isinstance(exc, MissingConfigException) and exc.options:
         first = str(exc).splitlines()[0]
         return f"{first}. Fix: use one of {', '.join(exc.options)}"

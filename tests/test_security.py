@@ -1,0 +1,90 @@
+"""Files and parameters are data, never code: pickles, shell text and paths are refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import last_error_line, run
+
+from fitscope.stages import train_overrides
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what a crafted model.pt could do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def fitscope(args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "fitscope.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_a_crafted_model_file_runs_nothing_and_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "runs" / "evil" / "0"
+    run_dir.mkdir(parents=True)
+    torch.save({"state_dict": _Payload(marker), "config": {}}, run_dir / "model.pt")
+    (run_dir / "metrics.json").write_text("{}")
+    # The payload is live: the unsafe loader would run it.
+    torch.load(run_dir / "model.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    proc = fitscope(["evaluate", "evil"], tmp_path)
+    line = last_error_line(proc, 2)
+    assert line.startswith("fitscope: error: refusing to load runs/evil/0/model.pt: not a fitscope")
+    assert "Fix: retrain it" in line
+    assert not marker.exists()
+    assert not (tmp_path / "metrics").exists()
+
+
+@pytest.mark.parametrize("variant", ["../../x", "/etc", "a/b", ".hidden"])
+def test_variant_names_that_leave_their_folder_are_refused(variant, tmp_path):
+    proc = fitscope(["evaluate", variant], tmp_path)
+    assert f"variant={variant!r} is not a valid name" in last_error_line(proc, 2)
+
+
+def test_overrides_from_params_are_split_without_a_shell():
+    params = {
+        "study": {"profile": "debug", "seeds": "0,1"},
+        "variants": {"v1": {"study": "s", "overrides": "model=tiny 'study=a b' $(touch x)"}},
+    }
+    assert train_overrides(params, "v1")[:4] == ["model=tiny", "study=a b", "$(touch", "x)"]
+    assert "seed=0,1" in train_overrides(params, "v1")
+
+
+@pytest.mark.slow
+def test_shell_text_in_a_params_override_is_never_executed_by_dvc(repo_copy, tmp_path):
+    marker = tmp_path / "pwned"
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["variants"] = {
+        "evil": {
+            "dataset": "higgs",
+            "study": "higgs_capacity",
+            # Inside double quotes a shell still runs $(...): the old stage command did.
+            "overrides": f'+experiment=higgs_capacity model=tiny "study=$(touch {marker})"',
+        }
+    }
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["dvc", "repro", "split_higgs"], repo_copy)
+    proc = subprocess.run(
+        ["dvc", "repro", "-s", "train@evil"],
+        cwd=repo_copy,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
+    )
+    assert proc.returncode != 0
+    assert "fitscope: error: cannot parse override 'study=$(touch" in proc.stdout + proc.stderr
+    assert not marker.exists()
