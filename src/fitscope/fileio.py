@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 from isal import igzip
+
+from fitscope.errors import FitscopeError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -31,8 +35,39 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are shared
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        if _out_of_space(exc, path.parent):
+            raise FitscopeError(
+                f"no space left on the device while writing {path}. Fix: free space there "
+                "(or write elsewhere, e.g. paths.run_dir=...) and run the same command again"
+            ) from None
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _out_of_space(exc: BaseException, directory: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    try:  # (before the partial file is removed) is the filesystem full?
+        return shutil.disk_usage(directory).free < (1 << 16)
+    except OSError:
+        return False
+
+
+def check_writable_dir(directory: str | os.PathLike[str], what: str) -> None:
+    """Create ``directory`` and write a probe file there; one-line error if it can't be done."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FitscopeError(
+            f"cannot write to {what}={directory} ({exc.strerror or exc}). Fix: make it "
+            f"writable or set {what} to a writable directory"
+        ) from None
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from fitscope.errors import FitscopeError
+
 PARENT_ENV = "FITSCOPE_PARENT_RUN_ID"
 TAG = "fitscope."  # prefix of our own tags
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
@@ -52,15 +54,58 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# MLflow's defaults retry an unreachable server for about 4 minutes before failing;
+# these make a store problem a one-line error within seconds (a user's own values win).
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def _probe_sqlite_write(path: Path) -> None:
+    """Write (the same header value) and roll back: a read-only file or folder fails here."""
+    import sqlite3
+
+    con = sqlite3.connect(path, timeout=60)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        con.execute(f"PRAGMA user_version = {int(version)}")
+        con.rollback()
+    finally:
+        con.close()
+
+
 def get_client(uri: str | None = None):
-    """An MlflowClient on an initialised store (created under a lock on first use)."""
+    """An MlflowClient on an initialised, writable store (created under a lock on first use).
+
+    A store that cannot be read, written or reached is a one-line FitscopeError naming
+    the URI, raised before any training.
+    """
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
     uri = uri or resolve_tracking_uri()
-    with _store_lock(uri):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_experiments(max_results=1)  # forces table creation/migration
+    db = _sqlite_path(uri)
+    try:
+        with _store_lock(uri):
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)  # forces table creation/migration
+            if db is not None:
+                _probe_sqlite_write(db)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        fix = (
+            "make the file and its folder writable, or point MLFLOW_TRACKING_URI elsewhere"
+            if db is not None
+            else "start the tracking server or correct MLFLOW_TRACKING_URI (and credentials)"
+        )
+        raise FitscopeError(
+            f"cannot use the MLflow tracking store {uri} ({reason}). Fix: {fix}"
+        ) from None
     return client
 
 

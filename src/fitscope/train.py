@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fitscope import schema
 from fitscope.errors import FitscopeError
-from fitscope.fileio import atomic_path, write_json
+from fitscope.fileio import atomic_path, check_writable_dir, write_json
 from fitscope.sweeps import callback_errors_exit, validate_jobs, validate_run
 
 log = logging.getLogger("fitscope.train")
@@ -82,6 +82,7 @@ def train(cfg: DictConfig) -> float:
     from fitscope.datamodules import ArrayDataModule
 
     run_dir = Path(cfg.paths.run_dir)
+    check_writable_dir(run_dir, "paths.run_dir")  # before training, not after it
     run_cfg = _run_config(cfg)
     chash = tracking.config_hash(run_cfg)
     dm = ArrayDataModule(
