@@ -158,11 +158,99 @@ def dropout_step(dropout: nn.Module, repeats: int) -> float:
     return time.perf_counter() - start
 
 
+def gpu_throughput(rows: int, batch_size: int, precision: str, epochs: int = 2) -> dict:
+    """Training rows/s of the large 512x4 model on synthetic HIGGS-shaped data on the GPU.
+
+    The real FitModule and Trainer (train.py's), data resident on the GPU; the first
+    epoch (CUDA start-up, kernel selection) is excluded from the timing.
+    """
+    import pytorch_lightning as pl
+
+    class EpochTimes(pl.Callback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, 28, device="cuda", generator=gen)
+    y = (x[:, :3].sum(1) + 0.5 * torch.randn(rows, device="cuda", generator=gen) > 0).float()
+    n_val = max(rows // 20, batch_size)
+
+    class GpuData(pl.LightningDataModule):
+        def train_dataloader(self):
+            return TensorBatches(x[n_val:], y[n_val:], batch_size, shuffle=True)
+
+        def val_dataloader(self):
+            return TensorBatches(x[:n_val], y[:n_val], batch_size, shuffle=False)
+
+    torch.manual_seed(0)
+    steps = -(-(rows - n_val) // batch_size)
+    module = FitModule(
+        build_mlp(28, 1, width=512, depth=4),
+        task="binary",
+        num_classes=2,
+        optimizer=OPT,
+        scheduler=SCHED,
+        steps_per_epoch=steps,
+    )
+    timer = EpochTimes()
+    trainer = build_trainer(
+        [timer, EpochHistory()],
+        max_epochs=epochs,
+        accelerator="gpu",
+        deterministic=False,
+        precision=precision,
+    )
+    trainer.fit(module, datamodule=GpuData())
+    seconds = timer.marks[-1] - timer.marks[-2]  # the last epoch's training part
+    return {
+        "rows": rows - n_val,
+        "batch_size": batch_size,
+        "precision": precision,
+        "epoch_s": seconds,  # training + validation + epoch metrics
+        "rows_per_s": (rows - n_val) / seconds,
+    }
+
+
+def gpu_main(out: Path | None, rows: int) -> None:
+    """GPU figures for docs/benchmarks.md (run on a machine with a CUDA GPU)."""
+    import json
+
+    name = torch.cuda.get_device_name(0)
+    results = {"device": name, "torch": torch.__version__, "runs": []}
+    for batch_size in (500, 8192):
+        for precision in ("32-true", "bf16-mixed"):
+            result = gpu_throughput(rows, batch_size, precision)
+            results["runs"].append(result)
+            print(
+                f"{name}: 512x4 MLP, {result['rows']} rows, batch {batch_size}, {precision}: "
+                f"{result['rows_per_s']:,.0f} rows/s ({result['epoch_s']:.2f} s/epoch)",
+                flush=True,
+            )
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--gpu", action="store_true", help="GPU throughput figures only")
+    parser.add_argument("--gpu-rows", type=int, default=2_000_000)
+    parser.add_argument("--out", type=Path, help="write the --gpu figures as JSON here")
     args = parser.parse_args(argv)
+    if args.gpu:
+        logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+        gpu_main(args.out, args.gpu_rows)
+        return
     torch.set_num_threads(1)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
