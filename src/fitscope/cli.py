@@ -74,7 +74,8 @@ def cmd_mirror(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from fitscope import stages
 
-    stages.run_train(stages.train_overrides(load_params(args.params), args.variant))
+    variant = stages.stage_variant(args.variant)
+    stages.run_train(stages.train_overrides(load_params(args.params), variant))
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     mirror.set_defaults(func=cmd_mirror)
 
     train = sub.add_parser("train", help="train one variant of params.yaml (DVC train stage)")
-    train.add_argument("variant")
+    train.add_argument(
+        "variant", nargs="?", help="a key of params.yaml's variants (default: from DVC_STAGE)"
+    )
     train.set_defaults(func=cmd_train)
 
     search = sub.add_parser("search", help="run the params.yaml search with one sampler")

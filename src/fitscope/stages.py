@@ -7,6 +7,7 @@ therefore pass only their stage key; the overrides are read and split here.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from typing import Any
@@ -23,6 +24,19 @@ def _section(params: dict[str, Any], *keys: str) -> Any:
             raise FitscopeError(f"params.yaml has no {where}. Fix: add it (see the README)")
         value = value[key]
     return value
+
+
+def stage_variant(variant: str | None) -> str:
+    """``variant``, or the key of the DVC stage running us (``DVC_STAGE=train@<key>``)."""
+    if variant:
+        return variant
+    stage = os.environ.get("DVC_STAGE", "")
+    if not stage.startswith("train@"):
+        raise FitscopeError(
+            "no variant given and not run as a DVC train stage. Fix: `fitscope train <variant>` "
+            "with a key of params.yaml's variants"
+        )
+    return stage.removeprefix("train@")
 
 
 def train_overrides(params: dict[str, Any], variant: str) -> list[str]:

@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db`` (as `mlflow ui`)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlflow.db`` (as `mlflow ui`).
+
+    The root is the DVC repository a stage runs for (``DVC_ROOT``, which DVC points at
+    the user's workspace also for queued experiments running in a temporary copy), or
+    the current directory outside DVC.
+    """
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -1,0 +1,79 @@
+"""Experiments side by side the way DVC supports it: `dvc exp run --queue` + `dvc queue start`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import run
+
+from fitscope.tracking import get_client
+
+
+def queue_workers(repo) -> list[psutil.Process]:
+    """This repository's `dvc exp queue-worker` processes."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "queue-worker" in cmdline and proc.info["cwd"] == str(repo):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy):
+    for name, seeds in (("tiny-s0", "0"), ("tiny-s1", "1")):
+        run(
+            [
+                *("dvc", "exp", "run", "--queue", "train@higgs-tiny", "-n", name),
+                *("-S", "study.profile=debug", "-S", f"study.seeds='{seeds}'"),
+            ],
+            repo_copy,
+        )
+    # As from a terminal: with pipes, `dvc queue start` would wait for its workers, which
+    # inherit them.
+    subprocess.run(
+        ["dvc", "queue", "start", "-j", "2"],
+        cwd=repo_copy,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
+    seen: dict[int, psutil.Process] = {}  # every worker seen, to be sure all are gone at the end
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            seen.update({p.pid: p for p in queue_workers(repo_copy)})
+            status = run(["dvc", "queue", "status"], repo_copy).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(2)
+        assert status.count("Success") == 2, status
+        assert seen, "no `dvc exp queue-worker` process was seen"
+    finally:
+        run(["dvc", "queue", "stop"], repo_copy)
+        seen.update({p.pid: p for p in queue_workers(repo_copy)})
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=60)
+        for proc in alive:  # stopped by PID if `dvc queue stop` did not end them
+            proc.kill()
+        assert not alive, f"queue workers still running after `dvc queue stop`: {alive}"
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo_copy).stdout)
+    names = {exp["name"] for rev in shown for exp in (rev.get("experiments") or [])}
+    assert {"tiny-s0", "tiny-s1"} <= names
+    # Both temporary workspaces logged into the workspace's own store (DVC_ROOT).
+    client = get_client(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("higgs_capacity")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("fitscope.role") != "parent"]
+    assert sorted(r.data.params["seed"] for r in children) == ["0", "1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    a, b = children  # side by side: the two runs overlapped in time
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
