@@ -6,13 +6,14 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import flip_silently, higgs_gzip, serve_mnist
+from conftest import flip_silently, higgs_gzip, last_error_line, run_train, serve_mnist
 
 from fitscope import data
 from fitscope.errors import FitscopeError
@@ -527,3 +528,176 @@ def test_cli_mirror_fills_the_directory_the_fetch_reads(tmp_path, higgs_mirror, 
         "variables). Fix: pass --dir /srv/m and set data.higgs.mirror and data.mnist.mirror: "
         "/srv/m in params.yaml"
     ]
+
+
+# --- split arrays verified before any run exists (issue 11) --------------------------------------
+def _save(name: str, change):
+    """A tamper step: load ``name`` from the split directory, change it, save it back."""
+
+    def tamper(d: Path) -> None:
+        array = np.load(d / name)
+        np.save(d / name, change(array.copy()))
+
+    return tamper
+
+
+def _set(index, value):
+    def change(a):
+        a[index] = value
+        return a
+
+    return change
+
+
+def _raw(name: str, edit):
+    def tamper(d: Path) -> None:
+        (d / name).write_bytes(edit((d / name).read_bytes()))
+
+    return tamper
+
+
+TAMPERED = {
+    "garbage": (
+        "higgs",
+        "train",
+        _raw("train_x.npy", lambda b: os.urandom(len(b))),
+        "train_x.npy is not a valid .npy file",
+    ),
+    "truncated": (
+        "higgs",
+        "test",
+        _raw("test_x.npy", lambda b: b[: len(b) // 2]),
+        "test_x.npy is not a valid .npy file",
+    ),
+    "27 columns": (
+        "higgs",
+        "train",
+        _save("train_x.npy", lambda a: a[:, :27]),
+        "train_x.npy holds float32 (8984, 27) but manifest.json records float32 (8984, 28)",
+    ),
+    "length mismatch": (
+        "higgs",
+        "train",
+        _save("train_y.npy", lambda a: a[:-1]),
+        "train_y.npy holds int64 (8983,) but manifest.json records int64 (8984,)",
+    ),
+    "1-D": (
+        "higgs",
+        "val",
+        _save("val_x.npy", lambda a: a.ravel()),
+        "val_x.npy holds float32 (28000,) but manifest.json records float32 (1000, 28)",
+    ),
+    "float64": (
+        "higgs",
+        "val",
+        _save("val_x.npy", lambda a: a.astype(np.float64)),
+        "val_x.npy holds float64 (1000, 28) but manifest.json records float32",
+    ),
+    "label 2": (
+        "higgs",
+        "val",
+        _save("val_y.npy", _set(5, 2)),
+        "val_y.npy holds label 2 at row 5, outside 0..1",
+    ),
+    "label 10": (
+        "mnist",
+        "train",
+        _save("train_y.npy", _set(7, 10)),
+        "train_y.npy holds label 10 at row 7, outside 0..9",
+    ),
+    "NaN": (
+        "higgs",
+        "train",
+        _save("train_x.npy", _set((3, 4), np.nan)),
+        "train_x.npy holds non-finite features (NaN or Inf; 1 in rows 0-8983, the first at "
+        "row 3, column 4)",
+    ),
+    "Inf": (
+        "mnist",
+        "test",
+        _save("test_x.npy", _set((9, 0), -np.inf)),
+        "test_x.npy holds non-finite features",
+    ),
+    "plausible value": (
+        "higgs",
+        "test",
+        _save("test_x.npy", _set((0, 0), 0.5)),
+        "test_x.npy differs from the sha256 in manifest.json",
+    ),
+}
+
+
+@pytest.fixture
+def split_copy(tmp_path, processed_dir):
+    """A private copy of one dataset's split directory, under ``tmp_path/processed``."""
+
+    def make(dataset: str) -> Path:
+        return Path(shutil.copytree(processed_dir / dataset, tmp_path / "processed" / dataset))
+
+    return make
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_split_array_is_a_one_line_error_naming_the_file(split_copy, case):
+    dataset, split, tamper, message = TAMPERED[case]
+    d = split_copy(dataset)
+    tamper(d)
+    with pytest.raises(FitscopeError) as err:
+        data.load_split(d, split)
+    msg = str(err.value)
+    assert f"{d}/{message}" in msg and "\n" not in msg
+    assert msg.endswith(f"Fix: rebuild the split with `dvc repro -f -s split_{dataset}`")
+
+
+def test_manifest_records_shape_dtype_and_sha256_of_every_array(processed_dir):
+    manifest = json.loads((processed_dir / "higgs" / "manifest.json").read_text())
+    assert manifest["num_classes"] == 2
+    train = manifest["splits"]["train"]
+    assert {"rows", "features", "class_counts", "first_row"} <= set(train)  # kept keys
+    assert train["arrays"]["x"] == {
+        "file": "train_x.npy",
+        "shape": [8984, 28],
+        "dtype": "float32",
+        "sha256": hashlib.sha256(
+            (processed_dir / "higgs" / "train_x.npy").read_bytes()
+        ).hexdigest(),
+    }
+    assert train["arrays"]["y"]["shape"] == [8984] and train["arrays"]["y"]["dtype"] == "int64"
+
+
+def test_old_or_missing_manifest_is_refused(split_copy):
+    d = split_copy("mnist")
+    manifest = json.loads((d / "manifest.json").read_text())
+    del manifest["splits"]["val"]["arrays"]  # as written before arrays were recorded
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FitscopeError, match=r"has no verifiable val split .* split_mnist`$"):
+        data.load_split(d, "val")
+    (d / "manifest.json").unlink()
+    with pytest.raises(FitscopeError, match=r"no data split in .* \(no manifest\.json\)"):
+        data.load_split(d, "train")
+
+
+def test_datamodule_and_evaluate_loader_verify_too(split_copy):
+    import torch
+
+    from fitscope.datamodules import ArrayDataModule, split_tensors
+
+    d = split_copy("higgs")
+    TAMPERED["NaN"][2](d)
+    with pytest.raises(FitscopeError, match=r"train_x\.npy holds non-finite features"):
+        ArrayDataModule(d, task="binary", batch_size=100).setup()
+    with pytest.raises(FitscopeError, match=r"train_x\.npy holds non-finite features"):
+        split_tensors(d, "train", "binary", train_size=10)  # what the evaluate stage loads
+    x, y = split_tensors(d, "test", "binary")  # untouched splits still load
+    assert x.shape == (1000, 28) and y.dtype == torch.float32
+
+
+def test_train_on_a_tampered_split_exits_2_before_any_mlflow_run(split_copy, tmp_path, mlflow_uri):
+    d = split_copy("higgs")
+    TAMPERED["NaN"][2](d)
+    proc = run_train([f"data.dir={d}", "trainer=debug", "study=t_bad_data"], tmp_path, mlflow_uri)
+    line = last_error_line(proc, 2)
+    assert line.startswith(f"fitscope: error: {d}/train_x.npy holds non-finite features")
+    assert [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] == [line]
+    assert not (tmp_path / "mlflow.db").exists()  # no store, so no run, FAILED or otherwise
+    assert list(tmp_path.rglob("model.pt")) == [] and list(tmp_path.rglob("metrics.json")) == []
