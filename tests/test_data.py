@@ -563,6 +563,12 @@ TAMPERED = {
         _raw("train_x.npy", lambda b: os.urandom(len(b))),
         "train_x.npy is not a valid .npy file",
     ),
+    "empty": (
+        "mnist",
+        "val",
+        _raw("val_x.npy", lambda b: b""),
+        "val_x.npy is empty",
+    ),
     "truncated": (
         "higgs",
         "test",

@@ -816,6 +816,8 @@ def _load_array(data_dir: Path, spec: Any, fix: str) -> np.ndarray:
         raise FitscopeError(f"{data_dir}/manifest.json has a damaged array entry. {fix}") from exc
     if not path.is_file():
         raise FitscopeError(f"{path} not found. {fix}")
+    if path.stat().st_size == 0:
+        raise FitscopeError(f"{path} is empty. {fix}")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # numpy raises many types for a damaged header or body
