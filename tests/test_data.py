@@ -698,6 +698,14 @@ def test_datamodule_and_evaluate_loader_verify_too(split_copy):
     assert x.shape == (1000, 28) and y.dtype == torch.float32
 
 
+def test_binary_task_on_a_multiclass_split_is_refused(processed_dir):
+    from fitscope.datamodules import ArrayDataModule
+
+    dm = ArrayDataModule(processed_dir / "mnist", task="binary", batch_size=100)
+    with pytest.raises(FitscopeError, match=r"data\.task=binary needs labels 0/1, but .* mnist"):
+        dm.setup()
+
+
 def test_train_on_a_tampered_split_exits_2_before_any_mlflow_run(split_copy, tmp_path, mlflow_uri):
     d = split_copy("higgs")
     TAMPERED["NaN"][2](d)

@@ -72,6 +72,14 @@ def split_tensors(
     ``train_size`` keeps the first rows of the training split (other splits are whole).
     """
     x, y = load_split(data_dir, split)
+    manifest = read_manifest(data_dir)
+    if task == "binary" and manifest["num_classes"] != 2:
+        # BCE would silently take labels 2..9 as targets.
+        raise FitscopeError(
+            f"data.task=binary needs labels 0/1, but {data_dir} holds {manifest['dataset']} "
+            f"({manifest['num_classes']} classes). Fix: use the data config of that dataset "
+            f"(data={manifest['dataset']}) or point data.dir at a binary split"
+        )
     if split == "train" and train_size is not None:
         if train_size > len(y):
             raise FitscopeError(
