@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +36,7 @@ class Route:
     fail_status: int = 503
     drop_after: int | None = None  # close the connection after this many body bytes, once
     honour_range: bool = True
+    stall_after: int | None = None  # send this many body bytes, then nothing until teardown
 
 
 @dataclass
@@ -44,6 +47,7 @@ class FileServer:
     routes: dict[str, Route]
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     bytes_sent: dict[str, int] = field(default_factory=dict)  # body bytes per path
+    stopping: threading.Event = field(default_factory=threading.Event)  # set at teardown
 
     def add(self, path: str, body: bytes, **kwargs) -> str:
         self.routes[path] = Route(body, **kwargs)
@@ -82,6 +86,12 @@ def _handler(server: FileServer):
             for key, value in extra.items():
                 self.send_header(key, value)
             self.end_headers()
+            if route.stall_after is not None:  # a server that hangs mid-body
+                self.wfile.write(body[: route.stall_after])
+                self.wfile.flush()
+                server.stopping.wait(60)
+                self.close_connection = True
+                return
             if route.drop_after is not None and len(body) > route.drop_after:
                 self.wfile.write(body[: route.drop_after])
                 self.wfile.flush()
@@ -108,17 +118,25 @@ def _handler(server: FileServer):
     return Handler
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # Clients hang up early on purpose (a streamed head stops reading): not an error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture
 def file_server() -> Iterator[FileServer]:
     """Serve in-memory files on 127.0.0.1 (never any other address)."""
     server = FileServer(base_url="", routes={})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    httpd = _QuietHTTPServer(("127.0.0.1", 0), _handler(server))
     server.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
         yield server
     finally:
+        server.stopping.set()
         httpd.shutdown()
         httpd.server_close()
 
@@ -277,3 +295,27 @@ def last_error_line(proc: subprocess.CompletedProcess, returncode: int) -> str:
     assert proc.returncode == returncode, proc.stderr
     assert "Traceback" not in proc.stderr
     return proc.stderr.strip().splitlines()[-1]
+
+
+def higgs_gzip(sample: bytes, rows: int) -> bytes:
+    """The first ``rows`` rows of the real HIGGS sample, as a gzip file of their own."""
+    lines = gzip.decompress(sample).split(b"\n")[:rows]
+    return gzip.compress(b"\n".join(lines) + b"\n", mtime=0)
+
+
+def flip_silently(body: bytes, n_lines: int) -> bytes:
+    """``body`` (gzip) with one bit flipped so that it still decompresses, but one of the
+    first ``n_lines`` lines reads differently: only the gzip CRC at the very end would
+    notice, and a streamed head never reads that far. This is what a flip in transit
+    often does (a Huffman code turns into another code of the same length)."""
+    want = gzip.decompress(body).split(b"\n")[:n_lines]
+    for pos in range(len(body) // 4, len(body) - 8):
+        bad = bytearray(body)
+        bad[pos] ^= 0x01
+        try:
+            got = zlib.decompressobj(wbits=-15).decompress(bytes(bad[10:])).split(b"\n")
+        except zlib.error:
+            continue
+        if got[:n_lines] != want:
+            return bytes(bad)
+    raise AssertionError("no silent bit flip found")

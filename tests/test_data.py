@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import serve_mnist
+from conftest import flip_silently, higgs_gzip, last_error_line, run_train, serve_mnist
 
 from fitscope import data
 from fitscope.errors import FitscopeError
@@ -73,17 +77,20 @@ def test_full_size_verifies_the_official_checksum(
     assert not (tmp_path / "raw" / "HIGGS.csv.gz").exists()
 
 
-def test_full_size_from_mirror_env(
+def test_full_size_from_mirror_param(
     tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry
 ):
-    import hashlib
-
     file_server.add("/m/HIGGS.csv.gz", higgs_sample_bytes)
     monkeypatch.setattr(
         data, "HIGGS_SHA256", "sha256:" + hashlib.sha256(higgs_sample_bytes).hexdigest()
     )
-    monkeypatch.setenv(data.MIRROR_ENV, file_server.base_url + "/m")
-    params = data.HiggsParams(source="mirror", size="full", test_rows=1000, train_rows=8000)
+    params = data.HiggsParams(
+        source="mirror",
+        mirror=file_server.base_url + "/m",
+        size="full",
+        test_rows=1000,
+        train_rows=8000,
+    )
     data.fetch_higgs(params, tmp_path / "raw", fast_retry)
     manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
     assert manifest["splits"]["train"]["rows"] == 8000
@@ -101,8 +108,24 @@ def test_official_defaults_follow_the_classic_protocol():
 
 def test_mirror_without_location_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv(data.MIRROR_ENV, raising=False)
-    with pytest.raises(FitscopeError, match="FITSCOPE_MIRROR"):
+    with pytest.raises(FitscopeError, match=r"Fix: set data\.higgs\.mirror in params\.yaml"):
         data.fetch_higgs(data.HiggsParams(source="mirror"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mirror_env_var_alone_is_refused_naming_the_parameter(tmp_path, monkeypatch):
+    # DVC cannot see environment variables: a mirror given that way would not re-run the
+    # fetch when it changes, so the parameter is the only way.
+    monkeypatch.setenv(data.MIRROR_ENV, "/srv/mirror")
+    with pytest.raises(FitscopeError) as err:
+        data.fetch_mnist(data.MnistParams(source="mirror"), tmp_path)
+    assert str(err.value).endswith("Fix: set data.mnist.mirror: /srv/mirror in params.yaml")
+    assert "<dataset>" not in str(err.value)
+
+
+def test_mirror_with_unknown_url_scheme_is_refused_at_parameter_time():
+    with pytest.raises(FitscopeError, match=r"^unsupported URL scheme 'htp' in 'htp://host/m'"):
+        data.higgs_params({"higgs": {"source": "mirror", "mirror": "htp://host/m"}})
 
 
 def test_split_larger_than_source_is_refused(tmp_path):
@@ -258,10 +281,437 @@ def test_fill_mirror_then_use_it_as_a_directory_source(
     md5s = serve_mnist(file_server, mnist_idx_dir, "/mnist/", monkeypatch)
     monkeypatch.setattr(data, "MNIST_MIRRORS", (file_server.base_url + "/mnist/",))
     written = data.fill_mirror(tmp_path / "mirror", ("mnist",), fast_retry)
-    assert sorted(p.name for p in written) == sorted(md5s)
+    assert sorted(p.name for p in written) == sorted([*md5s, data.CHECKSUMS_FILE])
+    sums = json.loads((tmp_path / "mirror" / data.CHECKSUMS_FILE).read_text())["files"]
+    assert sorted(sums) == sorted(md5s)
+    for name, entry in sums.items():
+        body = (tmp_path / "mirror" / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
     params = data.MnistParams(source="mirror", mirror=str(tmp_path / "mirror"), test_size=None)
     file_server.requests.clear()
     data.fetch_mnist(params, tmp_path / "raw", fast_retry)
     assert file_server.requests == []  # a directory mirror needs no network
     manifest = data.split_mnist(params, tmp_path / "raw", tmp_path / "out")
     assert manifest["splits"]["test"]["rows"] == 200
+
+
+# --- every fetched byte verified (issue 11) ------------------------------------------------------
+SMALL = {"val_rows": 500, "train_rows": 2000, "test_rows": 300}  # a 2,800-row head
+
+
+def head_text(body: bytes, n: int) -> bytes:
+    return b"".join(line + b"\n" for line in gzip.decompress(body).split(b"\n")[:n])
+
+
+def uci_params(monkeypatch, *urls: str, **overrides) -> data.HiggsParams:
+    monkeypatch.setattr(data, "HIGGS_URLS", urls)
+    return data.HiggsParams(source="uci", **{**SMALL, **overrides})
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_streamed_head_records_its_sha256_and_a_pin_is_enforced(
+    tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry
+):
+    url = file_server.add("/HIGGS.csv.gz", higgs_sample_bytes)
+    want = hashlib.sha256(head_text(higgs_sample_bytes, 2800)).hexdigest()
+    info = data.fetch_higgs(uci_params(monkeypatch, url), tmp_path / "a", fast_retry)
+    assert (info["rows"], info["head_sha256"], info["verified_by"]) == (2800, want, [])
+    on_disk = json.loads((tmp_path / "a" / "source.json").read_text())
+    assert on_disk["head_sha256"] == want  # so dvc.lock (the outs hash) changes with the data
+    pinned = uci_params(monkeypatch, url, head_sha256=want)
+    assert data.fetch_higgs(pinned, tmp_path / "b", fast_retry)["verified_by"] == [
+        "data.higgs.head_sha256"
+    ]
+    other = uci_params(monkeypatch, url, head_sha256="0" * 64)
+    with pytest.raises(FitscopeError) as err:
+        data.fetch_higgs(other, tmp_path / "c", fast_retry)
+    msg = str(err.value)
+    assert "upstream changed or corrupted" in msg and "\n" not in msg
+    assert f"pin the new value: data.higgs.head_sha256: {want}" in msg
+    assert_nothing_written(tmp_path / "c")
+
+
+def test_silent_flip_is_refused_by_the_pin_and_the_next_url_is_used(
+    tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry
+):
+    good = higgs_gzip(higgs_sample_bytes, 6000)
+    flipped = flip_silently(good, 2800)
+    bad_url = file_server.add("/a/HIGGS.csv.gz", flipped)
+    good_url = file_server.add("/b/HIGGS.csv.gz", good)
+    pin = hashlib.sha256(head_text(good, 2800)).hexdigest()
+    # Unpinned, the flip passes every row check: only its recorded sha256 differs.
+    info = data.fetch_higgs(uci_params(monkeypatch, bad_url), tmp_path / "a", fast_retry)
+    assert info["head_sha256"] != pin
+    with pytest.raises(FitscopeError, match="upstream changed or corrupted"):
+        data.fetch_higgs(
+            uci_params(monkeypatch, bad_url, head_sha256=pin), tmp_path / "b", fast_retry
+        )
+    assert_nothing_written(tmp_path / "b")
+    params = uci_params(monkeypatch, bad_url, good_url, head_sha256=pin)
+    info = data.fetch_higgs(params, tmp_path / "c", fast_retry)
+    assert info["url"] == good_url and info["head_sha256"] == pin
+
+
+@pytest.fixture
+def higgs_mirror(tmp_path, higgs_sample_bytes) -> Path:
+    """A directory mirror holding a 6,000-row HIGGS.csv.gz and its checksums.json."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / data.HIGGS_FILE).write_bytes(higgs_gzip(higgs_sample_bytes, 6000))
+    data.write_mirror_checksums(mirror)
+    return mirror
+
+
+def test_mirror_checksums_refuse_a_flipped_head(tmp_path, file_server, higgs_mirror, fast_retry):
+    good = (higgs_mirror / data.HIGGS_FILE).read_bytes()
+    checksums = (higgs_mirror / data.CHECKSUMS_FILE).read_bytes()
+    file_server.add("/bad/HIGGS.csv.gz", flip_silently(good, 2800))
+    file_server.add("/bad/checksums.json", checksums)
+    params = data.HiggsParams(source="mirror", mirror=file_server.base_url + "/bad", **SMALL)
+    with pytest.raises(FitscopeError) as err:
+        data.fetch_higgs(params, tmp_path / "out", fast_retry)
+    assert "do not match the mirror's checksums" in str(err.value)
+    assert str(err.value).endswith(
+        "Fix: check data.higgs.mirror (`fitscope mirror` makes one, with its checksums)"
+    )
+    assert_nothing_written(tmp_path / "out")
+    file_server.add("/good/HIGGS.csv.gz", good)
+    file_server.add("/good/checksums.json", checksums)
+    params = data.HiggsParams(source="mirror", mirror=file_server.base_url + "/good", **SMALL)
+    info = data.fetch_higgs(params, tmp_path / "out", fast_retry)
+    assert info["verified_by"] == ["mirror checksums.json"]
+    assert gzip.decompress((tmp_path / "out" / data.HIGGS_FILE).read_bytes()) == head_text(
+        good, 2800
+    )
+
+
+def test_mirror_without_checksums_is_refused_unless_pinned(tmp_path, higgs_mirror, fast_retry):
+    (higgs_mirror / data.CHECKSUMS_FILE).unlink()
+    params = data.HiggsParams(source="mirror", mirror=str(higgs_mirror), **SMALL)
+    with pytest.raises(FitscopeError) as err:
+        data.fetch_higgs(params, tmp_path / "out", fast_retry)
+    msg = str(err.value)
+    want = hashlib.sha256(head_text((higgs_mirror / data.HIGGS_FILE).read_bytes(), 2800))
+    assert "no usable checksums.json" in msg and "cannot be verified" in msg
+    assert f"pin data.higgs.head_sha256: {want.hexdigest()}" in msg
+    assert_nothing_written(tmp_path / "out")
+    pinned = data.HiggsParams(
+        source="mirror", mirror=str(higgs_mirror), head_sha256=want.hexdigest(), **SMALL
+    )
+    assert data.fetch_higgs(pinned, tmp_path / "out", fast_retry)["verified_by"] == [
+        "data.higgs.head_sha256"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        (",".join(["1.0"] * 28), "line 3: expected 29 columns, found 28"),
+        ("2.0," + ",".join(["0.5"] * 28), "line 3: label must be 0 or 1, found 2"),
+        ("1.0,nan," + ",".join(["0.5"] * 27), "line 3: column 2 is not a finite number (nan)"),
+        ("0.0," + ",".join(["0.5"] * 27) + ",inf", "line 3: column 29 is not a finite number"),
+        ("", "line 3: empty line"),
+        ("1.0,," + ",".join(["0.5"] * 27), "line 3: column 2 is not a number ('')"),
+        ("1.0,0.9x," + ",".join(["0.5"] * 27), "line 3: column 2 is not a number ('0.9x')"),
+    ],
+)
+def test_rows_are_validated_inside_the_fetch(
+    tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry, row, problem
+):
+    lines = gzip.decompress(higgs_sample_bytes).split(b"\n")[:2800]
+    lines[2] = row.encode()
+    bad_url = file_server.add("/a/HIGGS.csv.gz", gzip.compress(b"\n".join(lines) + b"\n"))
+    good_url = file_server.add("/b/HIGGS.csv.gz", higgs_sample_bytes)
+    with pytest.raises(FitscopeError) as err:
+        data.fetch_higgs(uci_params(monkeypatch, bad_url), tmp_path / "out", fast_retry)
+    assert f"{bad_url}: {problem}" in str(err.value) and "\n" not in str(err.value)
+    # Nothing is written, so DVC has nothing to record or cache.
+    assert_nothing_written(tmp_path / "out")
+    info = data.fetch_higgs(uci_params(monkeypatch, bad_url, good_url), tmp_path / "out")
+    assert info["url"] == good_url
+
+
+@pytest.mark.parametrize("value", ["abc", "A" * 64, 123])
+def test_bad_head_sha256_is_refused(value):
+    with pytest.raises(FitscopeError, match=r"data\.higgs\.head_sha256=.* is not a sha256"):
+        data.higgs_params({"higgs": {"source": "uci", "head_sha256": value}})
+
+
+def test_head_sha256_without_a_streamed_head_is_refused():
+    with pytest.raises(FitscopeError, match=r"Fix: set data\.higgs\.head_sha256 to null"):
+        data.higgs_params({"higgs": {"source": "embedded", "head_sha256": "0" * 64}})
+
+
+@pytest.mark.parametrize(
+    ("dataset", "file"), [("higgs", "HIGGS.csv.gz"), ("mnist", "train-images-idx3-ubyte.gz")]
+)
+def test_split_without_its_raw_file_says_not_found(tmp_path, dataset, file):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    split = data.split_higgs if dataset == "higgs" else data.split_mnist
+    params = data.HiggsParams() if dataset == "higgs" else data.MnistParams()
+    with pytest.raises(FitscopeError) as err:
+        split(params, raw, tmp_path / "out")
+    assert str(err.value) == f"{raw / file} not found. Fix: run `dvc repro fetch_{dataset}`"
+    (raw / file).write_bytes(b"")
+    with pytest.raises(FitscopeError, match=rf"{file} is empty\. Fix: fetch it again"):
+        split(params, raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_value_in_a_raw_file_is_refused(tmp_path, higgs_sample_bytes):
+    lines = gzip.decompress(higgs_sample_bytes).split(b"\n")[:10]
+    lines[4] = b"1.0,-inf," + b",".join([b"0.5"] * 27)
+    (tmp_path / "HIGGS.csv.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    with pytest.raises(FitscopeError, match=r"HIGGS\.csv\.gz:5: column 2 is not a finite number"):
+        data.read_higgs_csv(tmp_path / "HIGGS.csv.gz")
+
+
+def test_fill_mirror_publishes_block_checksums_the_mirror_source_verifies(
+    tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry
+):
+    url = file_server.add("/HIGGS.csv.gz", higgs_sample_bytes)
+    monkeypatch.setattr(data, "HIGGS_URLS", (url,))
+    monkeypatch.setattr(
+        data, "HIGGS_SHA256", "sha256:" + hashlib.sha256(higgs_sample_bytes).hexdigest()
+    )
+    data.fill_mirror(tmp_path / "mirror", ("higgs",), fast_retry)
+    entry = json.loads((tmp_path / "mirror" / data.CHECKSUMS_FILE).read_text())["files"][
+        data.HIGGS_FILE
+    ]
+    assert entry["lines"] == 10_984 and entry["block_lines"] == 1000
+    assert len(entry["block_sha256"]) == 11
+    assert entry["sha256"] == hashlib.sha256(higgs_sample_bytes).hexdigest()
+    params = data.HiggsParams(source="mirror", mirror=str(tmp_path / "mirror"), **SMALL)
+    info = data.fetch_higgs(params, tmp_path / "raw", fast_retry)
+    assert info["verified_by"] == ["mirror checksums.json"]
+    assert (
+        data.split_higgs(params, tmp_path / "raw", tmp_path / "out")["splits"]["val"]["rows"] == 500
+    )
+
+
+def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "fitscope.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_cli_mirror_fills_the_directory_the_fetch_reads(tmp_path, higgs_mirror, monkeypatch):
+    (higgs_mirror / data.CHECKSUMS_FILE).unlink()
+    monkeypatch.delenv(data.MIRROR_ENV, raising=False)
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  higgs:\n    source: mirror\n    mirror: mirror\n    val_rows: 500\n"
+        "    train_rows: 2000\n    test_rows: 300\n"
+    )
+    # `fitscope mirror` (no --dir) writes where data.higgs.mirror points.
+    proc = cli(["mirror", "--checksums-only", "--datasets", "higgs"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (higgs_mirror / data.CHECKSUMS_FILE).is_file()
+    assert "-S data.higgs.mirror=mirror" in proc.stdout
+    proc = cli(["fetch", "higgs"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    want = hashlib.sha256(head_text((higgs_mirror / data.HIGGS_FILE).read_bytes(), 2800))
+    assert f"the first 2800 rows have sha256 {want.hexdigest()} (pin it" in proc.stdout
+    # The environment variable is no longer read: refused with the keys to set instead.
+    proc = cli(["mirror", "--checksums-only"], tmp_path, env={data.MIRROR_ENV: "/srv/m"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fitscope: error: FITSCOPE_MIRROR is set, but fitscope reads mirror locations only "
+        "from --dir and data.higgs.mirror and data.mnist.mirror (DVC cannot see environment "
+        "variables). Fix: pass --dir /srv/m and set data.higgs.mirror and data.mnist.mirror: "
+        "/srv/m in params.yaml"
+    ]
+
+
+# --- split arrays verified before any run exists (issue 11) --------------------------------------
+def _save(name: str, change):
+    """A tamper step: load ``name`` from the split directory, change it, save it back."""
+
+    def tamper(d: Path) -> None:
+        array = np.load(d / name)
+        np.save(d / name, change(array.copy()))
+
+    return tamper
+
+
+def _set(index, value):
+    def change(a):
+        a[index] = value
+        return a
+
+    return change
+
+
+def _raw(name: str, edit):
+    def tamper(d: Path) -> None:
+        (d / name).write_bytes(edit((d / name).read_bytes()))
+
+    return tamper
+
+
+TAMPERED = {
+    "garbage": (
+        "higgs",
+        "train",
+        _raw("train_x.npy", lambda b: os.urandom(len(b))),
+        "train_x.npy is not a valid .npy file",
+    ),
+    "empty": (
+        "mnist",
+        "val",
+        _raw("val_x.npy", lambda b: b""),
+        "val_x.npy is empty",
+    ),
+    "truncated": (
+        "higgs",
+        "test",
+        _raw("test_x.npy", lambda b: b[: len(b) // 2]),
+        "test_x.npy is not a valid .npy file",
+    ),
+    "27 columns": (
+        "higgs",
+        "train",
+        _save("train_x.npy", lambda a: a[:, :27]),
+        "train_x.npy holds float32 (8984, 27) but manifest.json records float32 (8984, 28)",
+    ),
+    "length mismatch": (
+        "higgs",
+        "train",
+        _save("train_y.npy", lambda a: a[:-1]),
+        "train_y.npy holds int64 (8983,) but manifest.json records int64 (8984,)",
+    ),
+    "1-D": (
+        "higgs",
+        "val",
+        _save("val_x.npy", lambda a: a.ravel()),
+        "val_x.npy holds float32 (28000,) but manifest.json records float32 (1000, 28)",
+    ),
+    "float64": (
+        "higgs",
+        "val",
+        _save("val_x.npy", lambda a: a.astype(np.float64)),
+        "val_x.npy holds float64 (1000, 28) but manifest.json records float32",
+    ),
+    "label 2": (
+        "higgs",
+        "val",
+        _save("val_y.npy", _set(5, 2)),
+        "val_y.npy holds label 2 at row 5, outside 0..1",
+    ),
+    "label 10": (
+        "mnist",
+        "train",
+        _save("train_y.npy", _set(7, 10)),
+        "train_y.npy holds label 10 at row 7, outside 0..9",
+    ),
+    "NaN": (
+        "higgs",
+        "train",
+        _save("train_x.npy", _set((3, 4), np.nan)),
+        "train_x.npy holds non-finite features (NaN or Inf; 1 in rows 0-8983, the first at "
+        "row 3, column 4)",
+    ),
+    "Inf": (
+        "mnist",
+        "test",
+        _save("test_x.npy", _set((9, 0), -np.inf)),
+        "test_x.npy holds non-finite features",
+    ),
+    "plausible value": (
+        "higgs",
+        "test",
+        _save("test_x.npy", _set((0, 0), 0.5)),
+        "test_x.npy differs from the sha256 in manifest.json",
+    ),
+}
+
+
+@pytest.fixture
+def split_copy(tmp_path, processed_dir):
+    """A private copy of one dataset's split directory, under ``tmp_path/processed``."""
+
+    def make(dataset: str) -> Path:
+        return Path(shutil.copytree(processed_dir / dataset, tmp_path / "processed" / dataset))
+
+    return make
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_split_array_is_a_one_line_error_naming_the_file(split_copy, case):
+    dataset, split, tamper, message = TAMPERED[case]
+    d = split_copy(dataset)
+    tamper(d)
+    with pytest.raises(FitscopeError) as err:
+        data.load_split(d, split)
+    msg = str(err.value)
+    assert f"{d}/{message}" in msg and "\n" not in msg
+    assert msg.endswith(f"Fix: rebuild the split with `dvc repro -f -s split_{dataset}`")
+
+
+def test_manifest_records_shape_dtype_and_sha256_of_every_array(processed_dir):
+    manifest = json.loads((processed_dir / "higgs" / "manifest.json").read_text())
+    assert manifest["num_classes"] == 2
+    train = manifest["splits"]["train"]
+    assert {"rows", "features", "class_counts", "first_row"} <= set(train)  # kept keys
+    assert train["arrays"]["x"] == {
+        "file": "train_x.npy",
+        "shape": [8984, 28],
+        "dtype": "float32",
+        "sha256": hashlib.sha256(
+            (processed_dir / "higgs" / "train_x.npy").read_bytes()
+        ).hexdigest(),
+    }
+    assert train["arrays"]["y"]["shape"] == [8984] and train["arrays"]["y"]["dtype"] == "int64"
+
+
+def test_old_or_missing_manifest_is_refused(split_copy):
+    d = split_copy("mnist")
+    manifest = json.loads((d / "manifest.json").read_text())
+    del manifest["splits"]["val"]["arrays"]  # as written before arrays were recorded
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FitscopeError, match=r"has no verifiable val split .* split_mnist`$"):
+        data.load_split(d, "val")
+    (d / "manifest.json").unlink()
+    with pytest.raises(FitscopeError, match=r"no data split in .* \(no manifest\.json\)"):
+        data.load_split(d, "train")
+
+
+def test_datamodule_and_evaluate_loader_verify_too(split_copy):
+    import torch
+
+    from fitscope.datamodules import ArrayDataModule, split_tensors
+
+    d = split_copy("higgs")
+    TAMPERED["NaN"][2](d)
+    with pytest.raises(FitscopeError, match=r"train_x\.npy holds non-finite features"):
+        ArrayDataModule(d, task="binary", batch_size=100).setup()
+    with pytest.raises(FitscopeError, match=r"train_x\.npy holds non-finite features"):
+        split_tensors(d, "train", "binary", train_size=10)  # what the evaluate stage loads
+    x, y = split_tensors(d, "test", "binary")  # untouched splits still load
+    assert x.shape == (1000, 28) and y.dtype == torch.float32
+
+
+def test_binary_task_on_a_multiclass_split_is_refused(processed_dir):
+    from fitscope.datamodules import ArrayDataModule
+
+    dm = ArrayDataModule(processed_dir / "mnist", task="binary", batch_size=100)
+    with pytest.raises(FitscopeError, match=r"data\.task=binary needs labels 0/1, but .* mnist"):
+        dm.setup()
+
+
+def test_train_on_a_tampered_split_exits_2_before_any_mlflow_run(split_copy, tmp_path, mlflow_uri):
+    d = split_copy("higgs")
+    TAMPERED["NaN"][2](d)
+    proc = run_train([f"data.dir={d}", "trainer=debug", "study=t_bad_data"], tmp_path, mlflow_uri)
+    line = last_error_line(proc, 2)
+    assert line.startswith(f"fitscope: error: {d}/train_x.npy holds non-finite features")
+    assert [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] == [line]
+    assert not (tmp_path / "mlflow.db").exists()  # no store, so no run, FAILED or otherwise
+    assert list(tmp_path.rglob("model.pt")) == [] and list(tmp_path.rglob("metrics.json")) == []

@@ -48,6 +48,12 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     else:
         info = data.fetch_mnist(data.mnist_params(params.get("data")), out, _retry_policy(params))
     print(f"fetched {args.dataset} from {info['source']} into {out}")
+    if "head_sha256" in info:
+        pinned = "data.higgs.head_sha256" in info["verified_by"]
+        print(
+            f"the first {info['rows']} rows have sha256 {info['head_sha256']}"
+            + ("" if pinned else " (pin it as data.higgs.head_sha256 to refuse changed data)")
+        )
 
 
 def cmd_split(args: argparse.Namespace) -> None:
@@ -64,11 +70,21 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_mirror(args: argparse.Namespace) -> None:
     params = load_params(args.params)
-    written = data.fill_mirror(args.dir, tuple(args.datasets), _retry_policy(params))
-    print(
-        f"mirrored {len(written)} file(s) into {args.dir}; to share them: "
-        "`dvc commit data.dvc && dvc push`"
-    )
+    targets = data.mirror_targets(params.get("data"), tuple(args.datasets), args.dir)
+    written: list[Path] = []
+    for directory, datasets in targets.items():
+        if args.checksums_only:
+            written.append(data.write_mirror_checksums(directory))
+        else:
+            written += data.fill_mirror(directory, datasets, _retry_policy(params))
+    print(f"{len(written)} file(s) written, checksums in {data.CHECKSUMS_FILE}")
+    for directory, datasets in targets.items():
+        keys = " ".join(
+            f"-S data.{d}.source=mirror -S data.{d}.mirror={directory}" for d in datasets
+        )
+        print(f"to use {directory}: dvc exp run {keys}")
+    if Path(data.DEFAULT_MIRROR_DIR) in targets:
+        print(f"to share {data.DEFAULT_MIRROR_DIR}: dvc commit data.dvc && dvc push")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -119,10 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     mirror = sub.add_parser("mirror", help="download the official files into a local mirror")
     mirror.add_argument(
-        "--dir", default="data/mirror", help="mirror directory (tracked by data.dvc)"
+        "--dir",
+        help="mirror directory (default: data.<dataset>.mirror when it is a local directory, "
+        "else data/mirror, which data.dvc tracks)",
     )
     mirror.add_argument(
         "--datasets", nargs="+", choices=["higgs", "mnist"], default=["higgs", "mnist"]
+    )
+    mirror.add_argument(
+        "--checksums-only",
+        action="store_true",
+        help=f"only (re)write {data.CHECKSUMS_FILE} for the files already in the mirror",
     )
     mirror.set_defaults(func=cmd_mirror)
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
+import re
 import shutil
 import struct
+import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,15 +25,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from fitscope.config import check_choice, check_number, from_mapping
 from fitscope.download import (
     DEFAULT_RETRY,
+    DownloadFailed,
+    LineBlocks,
     RetryPolicy,
+    check_source,
     download_file,
     extract_zip_member,
     fetch_gzip_head,
+    gzip_line_blocks,
+    local_path,
 )
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, sha256_file, write_gzip, write_json, write_npy
@@ -58,7 +68,15 @@ MNIST_FILES = {  # file -> md5 of the official gzip
 }
 MNIST_EMBEDDED = "mnist_5k.csv.gz"
 MNIST_EMBEDDED_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+# Read by no code any more (DVC cannot see environment variables); named only to refuse it.
 MIRROR_ENV = "FITSCOPE_MIRROR"
+CHECKSUMS_FILE = "checksums.json"  # published by `fitscope mirror` next to the data files
+DEFAULT_MIRROR_DIR = "data/mirror"  # tracked by data.dvc
+BLOCK_LINES = 1000  # a mirror's HIGGS checksums cover blocks of this many decompressed lines
+NUM_CLASSES = {"higgs": 2, "mnist": 10}
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+log = logging.getLogger(__name__)
 
 
 # --- parameters (params.yaml `data:`) ------------------------------------------------------------
@@ -72,10 +90,12 @@ class HiggsParams:
     val_rows: int = 1000
     train_rows: int | None = None
     test_rows: int | None = None
+    head_sha256: str | None = None  # pinned sha256 of the streamed rows' decompressed text
 
     def __post_init__(self) -> None:
         check_choice("data.higgs.source", self.source, ("embedded", "uci", "mirror"))
         check_choice("data.higgs.size", self.size, ("study", "full"))
+        check_mirror_param("data.higgs.mirror", self.mirror)
         for key in ("val_rows", "train_rows", "test_rows"):
             check_number(
                 f"data.higgs.{key}",
@@ -83,6 +103,19 @@ class HiggsParams:
                 low=1,
                 integer=True,
                 allow_none=key != "val_rows",
+            )
+        if self.head_sha256 is None:
+            return
+        if not isinstance(self.head_sha256, str) or not SHA256_HEX.fullmatch(self.head_sha256):
+            raise FitscopeError(
+                f"data.higgs.head_sha256={self.head_sha256!r} is not a sha256 (64 lowercase hex "
+                "digits). Fix: quote the value `fitscope fetch higgs` printed, or set it to null"
+            )
+        if not self.streams_head:
+            raise FitscopeError(
+                "data.higgs.head_sha256 pins a streamed head, but source="
+                f"{self.source} size={self.size} verifies the whole file by its own checksum. "
+                "Fix: set data.higgs.head_sha256 to null"
             )
 
     @property
@@ -117,6 +150,7 @@ class MnistParams:
 
     def __post_init__(self) -> None:
         check_choice("data.mnist.source", self.source, ("embedded", "official", "mirror"))
+        check_mirror_param("data.mnist.mirror", self.mirror)
         check_number("data.mnist.val_size", self.val_size, low=1, integer=True)
         check_number("data.mnist.test_size", self.test_size, low=1, integer=True, allow_none=True)
         check_number("data.mnist.seed", self.seed, low=0, integer=True)
@@ -130,14 +164,34 @@ def mnist_params(data_section: dict[str, Any] | None) -> MnistParams:
     return from_mapping(MnistParams, "data.mnist", (data_section or {}).get("mnist"))
 
 
+def check_mirror_param(key: str, mirror: Any) -> None:
+    """A mirror is null, a local directory or an ``http(s)://``/``file://`` base URL."""
+    if mirror is None:
+        return
+    if not isinstance(mirror, str) or not mirror:
+        raise FitscopeError(
+            f"{key}={mirror!r} is not a location. Fix: set it to a base URL or directory"
+        )
+    check_source(mirror)
+
+
 def _mirror_base(section: str, mirror: str | None) -> str:
-    base = mirror or os.environ.get(MIRROR_ENV)
-    if not base:
+    """The mirror location: only the DVC parameter, so changing it re-runs the fetch."""
+    env = os.environ.get(MIRROR_ENV)
+    if not mirror:
+        if env:
+            raise FitscopeError(
+                f"{section}.source=mirror reads the mirror from {section}.mirror only, not from "
+                f"{MIRROR_ENV} (DVC cannot see environment variables, so a change would not "
+                f"re-run the fetch). Fix: set {section}.mirror: {env} in params.yaml"
+            )
         raise FitscopeError(
             f"{section}.source=mirror needs a location. Fix: set {section}.mirror in params.yaml "
-            f"or the {MIRROR_ENV} environment variable to a base URL or directory"
+            "to a base URL or directory"
         )
-    return base
+    if env and env != mirror:
+        log.warning("%s is ignored: %s.mirror=%s is used", MIRROR_ENV, section, mirror)
+    return mirror
 
 
 def _join(base: str, name: str) -> str:
@@ -161,19 +215,23 @@ def _copy_embedded(name: str, sha256: str, dest: Path) -> None:
 def fetch_higgs(
     params: HiggsParams, out_dir: str | os.PathLike[str], policy: RetryPolicy = DEFAULT_RETRY
 ) -> dict[str, Any]:
-    """Put the HIGGS rows the study needs into ``out_dir/HIGGS.csv.gz``; return its provenance."""
+    """Put the HIGGS rows the study needs into ``out_dir/HIGGS.csv.gz``; return its provenance.
+
+    Everything is verified before the file is written (so DVC never caches a bad output):
+    a streamed head against the mirror's checksums and ``data.higgs.head_sha256`` when
+    available, and always row by row (29 numeric, finite columns, labels 0/1).
+    """
     out_dir = Path(out_dir)
     dest = out_dir / HIGGS_FILE
+    extra: dict[str, Any] = {}
     if params.source == "embedded":
         _copy_embedded(HIGGS_EMBEDDED, HIGGS_EMBEDDED_SHA256, dest)
         used = f"embedded:{HIGGS_EMBEDDED}"
     else:
-        if params.source == "uci":
-            sources = list(HIGGS_URLS)
-        else:
-            sources = [_join(_mirror_base("data.higgs", params.mirror), HIGGS_FILE)]
+        base = None if params.source == "uci" else _mirror_base("data.higgs", params.mirror)
+        sources = list(HIGGS_URLS) if base is None else [_join(base, HIGGS_FILE)]
         if params.streams_head:
-            used = fetch_gzip_head(sources, dest, params.head_rows(), policy=policy)
+            used, extra = _fetch_higgs_head(params, sources, base, dest, policy)
         else:
             used = _fetch_higgs_full(sources, dest, params.source, policy)
     info = {
@@ -183,20 +241,60 @@ def fetch_higgs(
         "url": used,
         "file": HIGGS_FILE,
         "sha256": sha256_file(dest),
+        **extra,
     }
     write_json(out_dir / "source.json", info)
     return info
 
 
+def _fetch_higgs_head(
+    params: HiggsParams, sources: list[str], base: str | None, dest: Path, policy: RetryPolicy
+) -> tuple[str, dict[str, Any]]:
+    """Stream and verify the head; return the source used and what goes into source.json."""
+    n, pinned = params.head_rows(), params.head_sha256
+    blocks, no_blocks = (None, "") if base is None else mirror_line_blocks(base, policy)
+
+    def check(text: bytes, digest: str) -> str | None:
+        if pinned and digest != pinned:
+            return (
+                f"its first {n} rows have sha256 {digest}, not the pinned data.higgs.head_sha256 "
+                f"{pinned}: upstream changed or corrupted, or the split sizes changed (if the "
+                f"change is expected, pin the new value: data.higgs.head_sha256: {digest})"
+            )
+        problem = higgs_rows_problem(text, "line ")
+        if problem or base is None or blocks is not None or pinned:
+            return problem
+        return (
+            f"{no_blocks}, so its first {n} rows (sha256 {digest}) cannot be verified (if you "
+            f"trust this mirror, pin data.higgs.head_sha256: {digest}; or re-create it with "
+            "`fitscope mirror`)"
+        )
+
+    fix = (
+        "check the network, or use a mirror (data.higgs.source: mirror and data.higgs.mirror)"
+        if base is None
+        else "check data.higgs.mirror (`fitscope mirror` makes one, with its checksums)"
+    )
+    head = fetch_gzip_head(sources, dest, n, policy=policy, blocks=blocks, check=check, fix=fix)
+    verified_by = [f"mirror {CHECKSUMS_FILE}"] if blocks is not None else []
+    verified_by += ["data.higgs.head_sha256"] if pinned else []
+    return head.source, {"rows": n, "head_sha256": head.sha256, "verified_by": verified_by}
+
+
 def _fetch_higgs_full(sources: list[str], dest: Path, source: str, policy: RetryPolicy) -> str:
+    fix = (
+        "check the network, or use a mirror (data.higgs.source: mirror and data.higgs.mirror)"
+        if source == "uci"
+        else "check data.higgs.mirror (`fitscope mirror` makes one)"
+    )
     try:
-        return download_file(sources, dest, checksum=HIGGS_SHA256, policy=policy)
+        return download_file(sources, dest, checksum=HIGGS_SHA256, policy=policy, fix=fix)
     except FitscopeError:
         if source != "uci":
             raise
     # The current UCI page serves a zip that holds HIGGS.csv.gz.
     archive = dest.with_name("higgs.zip")
-    used = download_file([HIGGS_ZIP_URL], archive, policy=policy)
+    used = download_file([HIGGS_ZIP_URL], archive, policy=policy, fix=fix)
     extract_zip_member(archive, HIGGS_FILE, dest)
     archive.unlink()
     if sha256_file(dest) != HIGGS_SHA256.partition(":")[2]:
@@ -205,78 +303,107 @@ def _fetch_higgs_full(sources: list[str], dest: Path, source: str, policy: Retry
     return used
 
 
-def fill_mirror(
-    out_dir: str | os.PathLike[str],
-    datasets: tuple[str, ...] = ("higgs", "mnist"),
-    policy: RetryPolicy = DEFAULT_RETRY,
-) -> list[Path]:
-    """Download the official, checksummed upstream files into a mirror directory."""
-    out_dir = Path(out_dir)
-    written = []
-    if "higgs" in datasets:
-        _fetch_higgs_full(list(HIGGS_URLS), out_dir / HIGGS_FILE, "uci", policy)
-        written.append(out_dir / HIGGS_FILE)
-    if "mnist" in datasets:
-        for name, md5 in MNIST_FILES.items():
-            download_file(
-                [_join(base, name) for base in MNIST_MIRRORS],
-                out_dir / name,
-                checksum=f"md5:{md5}",
-                policy=policy,
-            )
-            written.append(out_dir / name)
-    return written
+def _higgs_table(fh: Any) -> np.ndarray:
+    """Parse HIGGS CSV from a binary file object into a float32 (n, 29) array (fast path)."""
+    names = [f"c{i}" for i in range(HIGGS_COLUMNS)]
+    table = pacsv.read_csv(
+        fh,
+        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+        # An empty line is a damaged row, not something to skip.
+        parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+        # Only an empty cell is null ("NA", "null" are not numbers); nulls are refused below.
+        convert_options=pacsv.ConvertOptions(
+            column_types=dict.fromkeys(names, pa.float32()), null_values=[""]
+        ),
+    )
+    if any(column.null_count for column in table.columns):  # empty cells or empty lines
+        raise pa.ArrowInvalid("empty values")
+    if table.num_rows == 0:
+        return np.empty((0, HIGGS_COLUMNS), dtype=np.float32)
+    return np.column_stack([table.column(i).to_numpy() for i in range(HIGGS_COLUMNS)])
 
 
-def _open_gzip_text(path: Path):
-    return igzip.open(path, "rb")
-
-
-def _locate_csv_problem(path: Path, n_columns: int) -> str:
+def _locate_csv_problem(lines: Iterable[bytes], where: str, fallback: str) -> str:
     """Find the first malformed line (slow path, only after the fast parser failed)."""
-    with _open_gzip_text(path) as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
-                continue
-            cells = line.split(",")
-            if len(cells) != n_columns:
-                return f"{path}:{lineno}: expected {n_columns} columns, found {len(cells)}"
-            for col, cell in enumerate(cells, start=1):
-                try:
-                    float(cell)
-                except ValueError:
-                    return f"{path}:{lineno}: column {col} is not a number ({cell[:20]!r})"
-    return f"{path}: unparseable CSV"
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line.strip():
+            return f"{where}{lineno}: empty line"
+        cells = line.split(",")
+        if len(cells) != HIGGS_COLUMNS:
+            return f"{where}{lineno}: expected {HIGGS_COLUMNS} columns, found {len(cells)}"
+        for col, cell in enumerate(cells, start=1):
+            try:
+                value = float(cell)
+            except ValueError:
+                return f"{where}{lineno}: column {col} is not a number ({cell[:20]!r})"
+            if cell != cell.strip() or "_" in cell:  # float() accepts these, the parser not
+                return f"{where}{lineno}: column {col} is not a number ({cell[:20]!r})"
+            if not math.isfinite(value):
+                return f"{where}{lineno}: column {col} is not a finite number ({cell[:20]})"
+    return f"{where.rstrip(': ')} is not valid CSV ({' '.join(fallback.split())[:120]})"
+
+
+def _values_problem(data: np.ndarray, where: str) -> str | None:
+    """Rows, finite values and 0/1 labels of a parsed HIGGS table."""
+    if len(data) == 0:
+        return f"{where.rstrip(': ')} holds no rows"
+    finite = np.isfinite(data)
+    if not finite.all():
+        row, col = np.argwhere(~finite)[0]
+        return f"{where}{row + 1}: column {col + 1} is not a finite number ({data[row, col]})"
+    bad = ~np.isin(data[:, 0], (0.0, 1.0))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        return f"{where}{row + 1}: label must be 0 or 1, found {data[row, 0]:g}"
+    return None
+
+
+def higgs_rows_problem(text: bytes, where: str = "line ") -> str | None:
+    """What is wrong with HIGGS CSV text (``where`` prefixes line numbers), or ``None``."""
+    try:
+        data = _higgs_table(io.BytesIO(text))
+    except pa.ArrowInvalid as exc:
+        lines = text.split(b"\n")
+        if lines[-1] == b"":  # after the final newline
+            lines.pop()
+        return _locate_csv_problem(lines, where, str(exc))
+    return _values_problem(data, where)
+
+
+# Errors a damaged gzip file raises while it is read.
+_GZIP_ERRORS = (EOFError, OSError, isal_zlib.error)
+
+
+def _require_raw(path: Path, dataset: str) -> None:
+    """A split stage input must exist and hold bytes (the fetch stage writes it)."""
+    if not path.is_file():
+        raise FitscopeError(f"{path} not found. Fix: run `dvc repro fetch_{dataset}`")
+    if path.stat().st_size == 0:
+        raise FitscopeError(
+            f"{path} is empty. Fix: fetch it again with `dvc repro -f -s fetch_{dataset}`"
+        )
 
 
 def read_higgs_csv(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """Parse a HIGGS CSV(.gz): returns float32 features (n, 28) and int64 labels (n,)."""
     path = Path(path)
-    names = [f"c{i}" for i in range(HIGGS_COLUMNS)]
+    _require_raw(path, "higgs")
+    fix = "Fix: fetch it again with `dvc repro -f -s fetch_higgs`"
     try:
-        with _open_gzip_text(path) as fh:
-            table = pacsv.read_csv(
-                io.BufferedReader(fh, 1 << 20),
-                read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
-                convert_options=pacsv.ConvertOptions(
-                    column_types=dict.fromkeys(names, pa.float32())
-                ),
-            )
-    except (EOFError, OSError) as exc:  # truncated or non-gzip input
-        raise FitscopeError(
-            f"{path} is not a complete gzip file ({exc}). Fix: delete it and run `dvc repro` again"
-        ) from exc
-    except pa.ArrowInvalid as exc:
-        raise FitscopeError(
-            f"{_locate_csv_problem(path, HIGGS_COLUMNS)}. Fix: the file is corrupt or not HIGGS; "
-            "re-download it or check the mirror"
-        ) from exc
-    data = np.column_stack([table.column(i).to_numpy() for i in range(HIGGS_COLUMNS)])
+        with igzip.open(path, "rb") as fh:
+            try:
+                data = _higgs_table(io.BufferedReader(fh, 1 << 20))
+            except pa.ArrowInvalid as exc:
+                fh.seek(0)
+                problem = _locate_csv_problem(fh, f"{path}:", str(exc))
+                raise FitscopeError(f"{problem}. {fix} (the file is corrupt or not HIGGS)") from exc
+    except _GZIP_ERRORS as exc:
+        raise FitscopeError(f"{path} is not a complete gzip file ({exc}). {fix}") from exc
+    problem = _values_problem(data, f"{path}:")
+    if problem:
+        raise FitscopeError(f"{problem}. {fix} (the file is corrupt or not HIGGS)")
     labels = data[:, 0]
-    if not np.isin(labels, (0.0, 1.0)).all():
-        bad = int(np.flatnonzero(~np.isin(labels, (0.0, 1.0)))[0]) + 1
-        raise FitscopeError(f"{path}:{bad}: label must be 0 or 1. Fix: the file is not HIGGS")
     return np.ascontiguousarray(data[:, 1:], dtype=np.float32), labels.astype(np.int64)
 
 
@@ -307,25 +434,27 @@ def split_higgs(
 def read_idx(path: str | os.PathLike[str], *, ndim: int) -> np.ndarray:
     """Parse a gzip IDX file of unsigned bytes, validating magic number and sizes."""
     path = Path(path)
+    _require_raw(path, "mnist")
+    fix = "Fix: fetch it again with `dvc repro -f -s fetch_mnist`"
     try:
         with igzip.open(path, "rb") as fh:
             raw = fh.read()
-    except (EOFError, OSError) as exc:
-        raise FitscopeError(
-            f"{path} is not a complete gzip file ({exc}). Fix: delete it and fetch it again"
-        ) from exc
+    except _GZIP_ERRORS as exc:
+        raise FitscopeError(f"{path} is not a complete gzip file ({exc}). {fix}") from exc
     header = 4 + 4 * ndim
+    if not raw:
+        raise FitscopeError(f"{path} decompresses to nothing (an empty IDX file). {fix}")
     if len(raw) < header or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != ndim:
         raise FitscopeError(
-            f"{path} has a bad IDX magic number {raw[:4].hex() or 'empty'} (expected "
-            f"000008{ndim:02x}). Fix: the file is corrupt or not MNIST; fetch it again"
+            f"{path} has a bad IDX magic number {raw[:4].hex()} (expected "
+            f"000008{ndim:02x}): the file is corrupt or not MNIST. {fix}"
         )
     dims = struct.unpack(f">{ndim}i", raw[4:header])
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
+    expected = math.prod(dims)
+    if min(dims) < 0 or len(raw) - header != expected:
         raise FitscopeError(
             f"{path} declares dimensions {dims} ({expected} bytes) but holds "
-            f"{len(raw) - header} bytes. Fix: the file is truncated or corrupt; fetch it again"
+            f"{len(raw) - header} bytes: the file is truncated or corrupt. {fix}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
@@ -360,15 +489,16 @@ def fetch_mnist(
         write_idx(out_dir / "train-labels-idx1-ubyte.gz", labels)
         used = {"train": f"embedded:{MNIST_EMBEDDED}"}
     else:
-        bases = (
-            MNIST_MIRRORS
-            if params.source == "official"
-            else [_mirror_base("data.mnist", params.mirror)]
-        )
+        if params.source == "official":
+            bases = list(MNIST_MIRRORS)
+            fix = "check the network, or use a mirror (data.mnist.source: mirror and .mirror)"
+        else:
+            bases = [_mirror_base("data.mnist", params.mirror)]
+            fix = "check data.mnist.mirror (`fitscope mirror` makes one)"
         for name, md5 in MNIST_FILES.items():
             sources = [_join(base, name) for base in bases]
             used[name] = download_file(
-                sources, out_dir / name, checksum=f"md5:{md5}", policy=policy
+                sources, out_dir / name, checksum=f"md5:{md5}", policy=policy, fix=fix
             )
     files = {p.name: sha256_file(p) for p in sorted(out_dir.glob("*-ubyte.gz"))}
     info = {"dataset": "mnist", "source": params.source, "urls": used, "sha256": files}
@@ -382,10 +512,14 @@ def _read_mnist_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise FitscopeError(
             f"{raw_dir}/{prefix}-*: {len(images)} images of {images.shape[1:]} vs "
-            f"{len(labels)} labels (expected 28x28 and equal counts). Fix: fetch the files again"
+            f"{len(labels)} labels (expected 28x28 and equal counts). Fix: fetch them again "
+            "with `dvc repro -f -s fetch_mnist`"
         )
     if labels.max(initial=0) > 9:
-        raise FitscopeError(f"{raw_dir}/{prefix}-labels: labels above 9. Fix: fetch it again")
+        raise FitscopeError(
+            f"{raw_dir}/{prefix}-labels: labels above 9. Fix: fetch it again with "
+            "`dvc repro -f -s fetch_mnist`"
+        )
     return images, labels
 
 
@@ -449,7 +583,125 @@ def split_mnist(
     return _write_splits("mnist", splits, raw_dir, out_dir, params=asdict(params))
 
 
-# --- shared split writer -------------------------------------------------------------------------
+# --- the mirror (`fitscope mirror`) ------------------------------------------------------------
+def fill_mirror(
+    out_dir: str | os.PathLike[str],
+    datasets: tuple[str, ...] = ("higgs", "mnist"),
+    policy: RetryPolicy = DEFAULT_RETRY,
+) -> list[Path]:
+    """Download the official, checksummed upstream files into a mirror directory.
+
+    Then (re)write its ``checksums.json``, which the mirror source verifies against.
+    """
+    out_dir = Path(out_dir)
+    written = []
+    if "higgs" in datasets:
+        _fetch_higgs_full(list(HIGGS_URLS), out_dir / HIGGS_FILE, "uci", policy)
+        written.append(out_dir / HIGGS_FILE)
+    if "mnist" in datasets:
+        for name, md5 in MNIST_FILES.items():
+            download_file(
+                [_join(base, name) for base in MNIST_MIRRORS],
+                out_dir / name,
+                checksum=f"md5:{md5}",
+                policy=policy,
+                fix="check the network and retry",
+            )
+            written.append(out_dir / name)
+    written.append(write_mirror_checksums(out_dir))
+    return written
+
+
+def mirror_targets(
+    data_section: dict[str, Any] | None, datasets: tuple[str, ...], explicit: str | None
+) -> dict[Path, tuple[str, ...]]:
+    """Where `fitscope mirror` puts each dataset: ``explicit`` (``--dir``), else the
+    dataset's ``mirror`` parameter when it is a local directory, else ``data/mirror``.
+
+    So `fitscope mirror` fills the very directory the fetch stage will read.
+    """
+    env = os.environ.get(MIRROR_ENV)
+    if explicit is None and env:
+        keys = " and ".join(f"data.{name}.mirror" for name in datasets)
+        raise FitscopeError(
+            f"{MIRROR_ENV} is set, but fitscope reads mirror locations only from --dir and "
+            f"{keys} (DVC cannot see environment variables). Fix: pass --dir {env} and set "
+            f"{keys}: {env} in params.yaml"
+        )
+    targets: dict[Path, list[str]] = {}
+    for name in datasets:
+        where: str | Path | None = explicit
+        if where is None:
+            params = higgs_params(data_section) if name == "higgs" else mnist_params(data_section)
+            where = DEFAULT_MIRROR_DIR if params.mirror is None else local_path(params.mirror)
+            if where is None:
+                raise FitscopeError(
+                    f"data.{name}.mirror={params.mirror} is a URL, but `fitscope mirror` fills "
+                    "a local directory. Fix: pass --dir DIR, then publish DIR at that URL"
+                )
+        targets.setdefault(Path(where), []).append(name)
+    return {path: tuple(names) for path, names in targets.items()}
+
+
+def write_mirror_checksums(mirror_dir: str | os.PathLike[str]) -> Path:
+    """Write ``checksums.json`` for the data files in ``mirror_dir``.
+
+    Every file gets its sha256 and size; HIGGS also the sha256 of every 1,000-line block
+    of its decompressed text, so that a streamed head of any length can be verified.
+    Entries of unchanged files are reused (hashing 8 GB of text takes a minute).
+    """
+    mirror_dir = Path(mirror_dir)
+    path = mirror_dir / CHECKSUMS_FILE
+    old: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text()).get("files", {})
+        except (ValueError, AttributeError):
+            old = {}
+    files: dict[str, Any] = {}
+    for name in (HIGGS_FILE, *MNIST_FILES):
+        file = mirror_dir / name
+        if not file.is_file():
+            continue
+        entry: dict[str, Any] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
+        if name == HIGGS_FILE:
+            previous = old.get(name) or {}
+            if {k: previous.get(k) for k in entry} == entry and "block_sha256" in previous:
+                entry = previous
+            else:
+                blocks = gzip_line_blocks(file, BLOCK_LINES)
+                entry.update(
+                    lines=blocks.lines, block_lines=blocks.size, block_sha256=list(blocks.sha256)
+                )
+        files[name] = entry
+    if not files:
+        raise FitscopeError(
+            f"{mirror_dir} holds none of {HIGGS_FILE}, {', '.join(MNIST_FILES)}. Fix: fill it "
+            "with `fitscope mirror` (or copy the official files there first)"
+        )
+    write_json(path, {"format": 1, "files": files})
+    return path
+
+
+def mirror_line_blocks(base: str, policy: RetryPolicy) -> tuple[LineBlocks | None, str]:
+    """The HIGGS block checksums a mirror publishes, or ``None`` and why there are none."""
+    with tempfile.TemporaryDirectory(prefix="fitscope-checksums-") as tmp:
+        local = Path(tmp) / CHECKSUMS_FILE
+        try:
+            download_file([_join(base, CHECKSUMS_FILE)], local, policy=policy)
+        except DownloadFailed as exc:
+            return None, f"no usable {CHECKSUMS_FILE} ({'; '.join(exc.problems)})"
+        try:
+            entry = json.loads(local.read_bytes())["files"][HIGGS_FILE]
+            blocks = LineBlocks(
+                int(entry["block_lines"]), int(entry["lines"]), tuple(entry["block_sha256"])
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            return None, f"no usable {CHECKSUMS_FILE} ({type(exc).__name__}: {exc})"
+    return blocks, ""
+
+
+# --- shared split writer and verified loader ---------------------------------------------------
 def _write_splits(
     dataset: str,
     splits: dict[str, tuple[np.ndarray, np.ndarray, int | None]],
@@ -464,6 +716,7 @@ def _write_splits(
     }
     manifest: dict[str, Any] = {
         "dataset": dataset,
+        "num_classes": NUM_CLASSES[dataset],
         "params": params,
         "inputs_sha256": inputs,
         "splits": {},
@@ -472,27 +725,135 @@ def _write_splits(
     if source_json.exists():
         manifest["source"] = json.loads(source_json.read_text())
     for name, (x, y, first_row) in splits.items():
-        write_npy(out_dir / f"{name}_x.npy", x)
-        write_npy(out_dir / f"{name}_y.npy", y)
         classes, counts = np.unique(y, return_counts=True)
         entry: dict[str, Any] = {
             "rows": len(y),
             "features": int(x.shape[1]),
             "class_counts": {str(int(c)): int(k) for c, k in zip(classes, counts, strict=True)},
+            "arrays": {},
         }
         if first_row is not None:
             entry["first_row"] = first_row
+        for part, array in (("x", x), ("y", y)):
+            path = out_dir / f"{name}_{part}.npy"
+            write_npy(path, array)
+            # What the loader checks the file against: shape, dtype and every byte.
+            entry["arrays"][part] = {
+                "file": path.name,
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+                "sha256": sha256_file(path),
+            }
         manifest["splits"][name] = entry
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
-def load_split(data_dir: str | os.PathLike[str], split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map one split written by ``split_higgs``/``split_mnist``."""
+def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``manifest.json`` of a split directory (written last by the split stage)."""
     data_dir = Path(data_dir)
-    x_path, y_path = data_dir / f"{split}_x.npy", data_dir / f"{split}_y.npy"
-    if not x_path.exists() or not y_path.exists():
+    path = data_dir / "manifest.json"
+    if not path.is_file():
         raise FitscopeError(
-            f"no {split} split in {data_dir}. Fix: run the data stages first (`dvc repro split`)"
+            f"no data split in {data_dir} (no manifest.json). Fix: run the data stages first "
+            "(`dvc repro split_higgs split_mnist`)"
         )
-    return np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
+    fix = f"Fix: rebuild the split with `dvc repro -f -s split_{data_dir.name}`"
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise FitscopeError(f"{path} is not valid JSON ({exc}). {fix}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise FitscopeError(f"{path} is not a split manifest (no 'splits'). {fix}")
+    if manifest.get("dataset") not in NUM_CLASSES or "num_classes" not in manifest:
+        raise FitscopeError(
+            f"{path} names no known dataset or no label range (written by an older fitscope "
+            f"or damaged). {fix}"
+        )
+    return manifest
+
+
+def load_split(data_dir: str | os.PathLike[str], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map one split, verified against ``manifest.json`` before anyone trains on it.
+
+    Checked: the ``.npy`` files parse, their shape and dtype are the recorded ones, x and
+    y agree in length, every feature is finite, every label is in range, and every byte
+    matches the recorded sha256 (for 11M HIGGS rows that hash takes seconds; the check
+    lives here only, so it is easy to cache if that ever matters).
+    """
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    dataset = manifest["dataset"]
+    fix = f"Fix: rebuild the split with `dvc repro -f -s split_{dataset}`"
+    entry = manifest["splits"].get(split)
+    if not isinstance(entry, dict) or "arrays" not in entry:
+        raise FitscopeError(
+            f"{data_dir}/manifest.json has no verifiable {split} split (written by an older "
+            f"fitscope or damaged). {fix}"
+        )
+    x = _load_array(data_dir, entry["arrays"].get("x"), fix)
+    y = _load_array(data_dir, entry["arrays"].get("y"), fix)
+    x_path, y_path = data_dir / f"{split}_x.npy", data_dir / f"{split}_y.npy"
+    problem = _split_problem(x, y, manifest["num_classes"], x_path, y_path)
+    if problem:
+        raise FitscopeError(f"{problem}. {fix}")
+    for part, path in (("x", x_path), ("y", y_path)):
+        # Last: a changed byte that kept the values plausible still shows up here.
+        if sha256_file(path) != entry["arrays"][part]["sha256"]:
+            raise FitscopeError(
+                f"{path} differs from the sha256 in manifest.json (it changed after the split "
+                f"stage wrote it). {fix}"
+            )
+    return x, y
+
+
+def _load_array(data_dir: Path, spec: Any, fix: str) -> np.ndarray:
+    """Memory-map one array and check its shape and dtype against its manifest entry."""
+    try:
+        path = data_dir / spec["file"]
+        shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FitscopeError(f"{data_dir}/manifest.json has a damaged array entry. {fix}") from exc
+    if not path.is_file():
+        raise FitscopeError(f"{path} not found. {fix}")
+    if path.stat().st_size == 0:
+        raise FitscopeError(f"{path} is empty. {fix}")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # numpy raises many types for a damaged header or body
+        raise FitscopeError(
+            f"{path} is not a valid .npy file ({type(exc).__name__}: {exc}). {fix}"
+        ) from exc
+    if not isinstance(array, np.ndarray):  # e.g. an .npz archive under the .npy name
+        raise FitscopeError(f"{path} is not a .npy array file. {fix}")
+    if array.shape != shape or array.dtype != dtype:
+        raise FitscopeError(
+            f"{path} holds {array.dtype} {array.shape} but manifest.json records {dtype} "
+            f"{shape}. {fix}"
+        )
+    return array
+
+
+def _split_problem(
+    x: np.ndarray, y: np.ndarray, num_classes: int, x_path: Path, y_path: Path
+) -> str | None:
+    """What makes a split unusable for training, or ``None``."""
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+        return f"{x_path} {x.shape} and {y_path} {y.shape} are not one row of features per label"
+    if not np.issubdtype(x.dtype, np.floating) or not np.issubdtype(y.dtype, np.integer):
+        return f"{x_path} ({x.dtype}) must hold floats and {y_path} ({y.dtype}) integers"
+    step = max(1, (1 << 26) // max(1, x.shape[1] * x.itemsize))  # ~64 MB of rows at a time
+    for start in range(0, len(x), step):
+        finite = np.isfinite(x[start : start + step])
+        if not finite.all():
+            row, col = np.argwhere(~finite)[0]
+            bad = int((~finite).sum())
+            return (
+                f"{x_path} holds non-finite features (NaN or Inf; {bad} in rows {start}-"
+                f"{start + len(finite) - 1}, the first at row {start + row}, column {col})"
+            )
+    outside = (y < 0) | (y >= num_classes)
+    if outside.any():
+        row = int(np.flatnonzero(outside)[0])
+        return f"{y_path} holds label {int(y[row])} at row {row}, outside 0..{num_classes - 1}"
+    return None

@@ -6,7 +6,6 @@ Batches are tensor slices of a per-epoch permutation, not per-sample
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from fitscope.data import load_split
+from fitscope.data import load_split, read_manifest
 from fitscope.errors import FitscopeError
 from fitscope.fileio import sha256_file
 
@@ -69,9 +68,18 @@ def split_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One split as float32 features and float (binary) or long (multiclass) targets.
 
+    The arrays are verified against the split's manifest first (``data.load_split``).
     ``train_size`` keeps the first rows of the training split (other splits are whole).
     """
     x, y = load_split(data_dir, split)
+    manifest = read_manifest(data_dir)
+    if task == "binary" and manifest["num_classes"] != 2:
+        # BCE would silently take labels 2..9 as targets.
+        raise FitscopeError(
+            f"data.task=binary needs labels 0/1, but {data_dir} holds {manifest['dataset']} "
+            f"({manifest['num_classes']} classes). Fix: use the data config of that dataset "
+            f"(data={manifest['dataset']}) or point data.dir at a binary split"
+        )
     if split == "train" and train_size is not None:
         if train_size > len(y):
             raise FitscopeError(
@@ -108,20 +116,15 @@ class ArrayDataModule(pl.LightningDataModule):
         return self.data_dir / "manifest.json"
 
     def manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
-            raise FitscopeError(
-                f"no data split in {self.data_dir}. Fix: run the data stages first "
-                "(`dvc repro split_higgs split_mnist`)"
-            )
-        return json.loads(self.manifest_path.read_text())
+        return read_manifest(self.data_dir)
 
     def manifest_sha256(self) -> str:
         return sha256_file(self.manifest_path)
 
     def setup(self, stage: str | None = None) -> None:
+        """Load and verify every split (a bad file is a one-line error before any run exists)."""
         if self.tensors:
             return
-        self.manifest()
         for split in ("train", "val", "test"):
             self.tensors[split] = split_tensors(self.data_dir, split, self.task, self.train_size)
         n_train = len(self.tensors["train"][1])
