@@ -38,13 +38,9 @@ demo: install
 	@echo "  MLflow UI:  .venv/bin/mlflow ui   then open http://127.0.0.1:5000"
 	@echo "  classic:    git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
 
-# The classic study with JOBS train stages at a time (dvc repro itself runs stages one by
-# one; DVC releases its lock while a stage runs, so independent stages can overlap).
-JOBS ?= 2
+# The classic study: `dvc repro`, one stage at a time (DVC runs one stage at a time in a
+# workspace; side-by-side experiments go through `dvc exp run --queue`, docs/pipeline.md).
 study: install
-	$(DVC) repro split_higgs split_mnist
-	$(DVC) stage list --name-only | grep '^train@' | \
-		xargs -P $(JOBS) -I{} sh -c '$(DVC) --wait-for-lock repro -s {}'
 	$(DVC) repro
 	@echo "study done: reports/study.md"
 
