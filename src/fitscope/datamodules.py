@@ -31,10 +31,11 @@ class TensorBatches:
         shuffle: bool,
         seed: int = 0,
         augment_shift: int = 0,
+        generator: torch.Generator | None = None,
     ) -> None:
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augment_shift = shuffle, augment_shift
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator or torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
@@ -110,6 +111,15 @@ class ArrayDataModule(pl.LightningDataModule):
         self.task, self.batch_size, self.train_size = task, batch_size, train_size
         self.augment_shift, self.seed = augment_shift, seed
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Shuffling and augmentation draw from this generator; it is saved in Lightning
+        # checkpoints (state_dict below), so a resumed run sees the same batches.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.generator.set_state(state_dict["generator"])
 
     @property
     def manifest_path(self) -> Path:
@@ -141,8 +151,8 @@ class ArrayDataModule(pl.LightningDataModule):
             y,
             self.batch_size,
             shuffle=train,
-            seed=self.seed,
             augment_shift=self.augment_shift if train else 0,
+            generator=self.generator,
         )
 
     def train_dataloader(self) -> TensorBatches:

@@ -104,6 +104,21 @@ class FitModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning saves model, optimizer, scheduler and loop state, not the RNGs that
+        # dropout draws from: without them a resumed run would diverge from an
+        # uninterrupted one.
+        checkpoint["fitscope_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["fitscope_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("fitscope_rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         # The LightningOptimizer wrapper (not the raw optimizer) so that its step counts
@@ -233,6 +248,12 @@ class EpochHistory(pl.Callback):
         if row and (not self.rows or self.rows[-1]["epoch"] != row["epoch"]):
             self.rows.append(dict(row))
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(row) for row in state_dict["rows"]]
+
     def write_csv(self, path) -> None:
         if not self.rows:
             return
@@ -271,3 +292,10 @@ class RestoreBestWeights(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.best_state is not None:
             pl_module.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"score": self.best_score, "epoch": self.best_epoch, "weights": self.best_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch = state_dict["score"], state_dict["epoch"]
+        self.best_state = state_dict["weights"]
