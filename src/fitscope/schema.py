@@ -159,6 +159,10 @@ class EarlyStoppingConfig(Section):
 class CheckpointConfig(Section):
     SECTION: ClassVar[str] = "callbacks.checkpoint"
     save_best: bool = True
+    dir: str = MISSING
+    every_s: float | None = ranged(low=0.0, allow_none=True)
+    every_epochs: int | None = ranged(low=1, integer=True, allow_none=True)
+    keep: bool = False
 
 
 @dataclass

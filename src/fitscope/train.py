@@ -71,6 +71,8 @@ def _run_config(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key in ("paths", "force", "tracking"):
         resolved.pop(key, None)
+    # Where and how often checkpoints are written does not change what is trained.
+    resolved.get("callbacks", {}).pop("checkpoint", None)
     return resolved
 
 

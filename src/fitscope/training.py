@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -299,3 +300,31 @@ class RestoreBestWeights(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score, self.best_epoch = state_dict["score"], state_dict["epoch"]
         self.best_state = state_dict["weights"]
+
+
+class PeriodicCheckpoint(pl.Callback):
+    """Saves a Lightning checkpoint to resume from, at the end of an epoch's validation.
+
+    Every ``every_epochs`` epochs when set, else once ``every_s`` seconds have passed
+    since the last save. ``trainer.save_checkpoint`` writes atomically (a temporary file
+    renamed into place), so a kill during a save leaves the previous checkpoint intact.
+    Register it after the callbacks whose state it must capture (history, early stopping,
+    best weights): callbacks run in list order.
+    """
+
+    def __init__(self, path, *, every_s: float | None = 30.0, every_epochs: int | None = None):
+        self.path, self.every_s, self.every_epochs = str(path), every_s, every_epochs
+        self.last_save = time.monotonic()
+        self.saved = 0
+
+    def _due(self, epoch: int) -> bool:
+        if self.every_epochs:
+            return (epoch + 1) % self.every_epochs == 0
+        return self.every_s is not None and time.monotonic() - self.last_save >= self.every_s
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._due(trainer.current_epoch):
+            return
+        trainer.save_checkpoint(self.path)
+        self.last_save = time.monotonic()
+        self.saved += 1
