@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-
 PARENT_ENV = "FITSCOPE_PARENT_RUN_ID"
 TAG = "fitscope."  # prefix of our own tags
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
@@ -277,29 +275,3 @@ class RunTracker:
         """End the run as FAILED (or KILLED) with the reason in the ``fitscope.failure`` tag."""
         self.set_tags({f"{TAG}failure": reason[:8000]})
         self.client.set_terminated(self.run_id, status=status)
-
-
-class MlflowEpochLogger(pl.Callback):
-    """Sends the epoch history to MLflow in batches (every ``every`` epochs and at the end)."""
-
-    def __init__(self, tracker: RunTracker, history, every: int = 25) -> None:
-        self.tracker, self.history, self.every = tracker, history, every
-        self.sent = 0
-
-    def flush(self) -> None:
-        rows = self.history.rows[self.sent :]
-        if rows:
-            self.tracker.log_rows(rows)
-            self.sent += len(rows)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(self.history.rows) - self.sent >= self.every:
-            self.flush()
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.flush()
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self.flush()

@@ -182,8 +182,13 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
     from pytorch_lightning.callbacks import EarlyStopping
 
     from fitscope.models import ProbabilityModel, build_mlp_from_config, count_parameters
-    from fitscope.tracking import MlflowEpochLogger
-    from fitscope.training import EpochHistory, FitModule, RestoreBestWeights, build_trainer
+    from fitscope.training import (
+        EpochHistory,
+        FitModule,
+        MlflowEpochLogger,
+        RestoreBestWeights,
+        build_trainer,
+    )
 
     torch.set_num_threads(cfg.trainer.num_threads)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning-internal deprecation

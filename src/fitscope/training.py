@@ -240,6 +240,32 @@ class EpochHistory(pl.Callback):
         write_csv(path, [columns, *([row.get(c, "") for c in columns] for row in self.rows)])
 
 
+class MlflowEpochLogger(pl.Callback):
+    """Sends the epoch history to a ``tracking.RunTracker`` in batches of ``every`` epochs."""
+
+    def __init__(self, tracker, history: EpochHistory, every: int = 25) -> None:
+        self.tracker, self.history, self.every = tracker, history, every
+        self.sent = 0
+
+    def flush(self) -> None:
+        rows = self.history.rows[self.sent :]
+        if rows:
+            self.tracker.log_rows(rows)
+            self.sent += len(rows)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(self.history.rows) - self.sent >= self.every:
+            self.flush()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.flush()
+
+
 class RestoreBestWeights(pl.Callback):
     """Keeps a copy of the weights of the best epoch and loads them when training ends.
 
