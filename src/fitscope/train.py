@@ -7,11 +7,13 @@ stopping and best-weight restore -> outputs + MLflow run. Returns the objective
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +111,11 @@ def _run_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> float:
-    """Train one variant; return the objective at the selected (best or last) epoch."""
+    """Train one variant; return the objective at the selected (best or last) epoch.
+
+    With MLflow, the run first claims its config (``tracking.claim_run``): a config that a
+    live run holds, or that a FINISHED run has (unless ``force``), is skipped with one line.
+    """
     validate(cfg)
 
     from fitscope import tracking
@@ -118,62 +124,99 @@ def train(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.run_dir)
     run_cfg = _run_config(cfg)
     chash = tracking.config_hash(run_cfg)
-    dm = ArrayDataModule(
-        cfg.data.dir,
-        task=cfg.data.task,
-        batch_size=cfg.data.batch_size,
-        train_size=cfg.data.train_size,
-        augment_shift=cfg.regularization.augment_shift,
-        seed=cfg.seed,
-    )
-    dm.setup()  # refuses a missing split with a one-line error
-
-    tracker = None
-    if cfg.logger.name == "mlflow":
-        client = tracking.get_client()
-        exp_id = tracking.ensure_experiment(client, cfg.study)
-        if not cfg.force:
-            done = tracking.find_finished_run(client, exp_id, chash)
-            if done is not None:
-                value = done.data.metrics.get(f"best/{cfg.objective}")
+    tracker = client = own_parent = None
+    outcome = "failed"
+    try:
+        dm = ArrayDataModule(
+            cfg.data.dir,
+            task=cfg.data.task,
+            batch_size=cfg.data.batch_size,
+            train_size=cfg.data.train_size,
+            augment_shift=cfg.regularization.augment_shift,
+            seed=cfg.seed,
+        )
+        dm.setup()  # refuses a missing split with a one-line error
+        if cfg.logger.name == "mlflow":
+            client = tracking.get_client()
+            exp_id = tracking.ensure_experiment(client, cfg.study)
+            commit, dirty = tracking.git_state()
+            tags = {
+                "fitscope.variant": cfg.variant,
+                "fitscope.dataset": cfg.data.name,
+                "fitscope.study": cfg.study,
+                "fitscope.data_manifest_sha256": dm.manifest_sha256(),
+                "mlflow.source.git.commit": commit,
+                "fitscope.git_dirty": str(dirty).lower(),
+                **_job_info(),
+            }
+            parent = os.environ.get(tracking.PARENT_ENV)
+            if not parent and cfg.tracking.parent_key:
+                parent = own_parent = tracking.find_or_create_parent(
+                    client,
+                    exp_id,
+                    tracking.commit_parent_key(cfg.tracking.parent_key, commit),
+                    run_name=cfg.study,
+                )
+            if parent:
+                tags[tracking.PARENT_TAG] = parent
+            claim = tracking.claim_run(
+                client,
+                exp_id,
+                chash,
+                cfg.variant,
+                tracking.flatten(run_cfg),
+                tags,
+                force=cfg.force,
+            )
+            for gone in claim.reconciled:
+                log.warning(
+                    "run %s (%s) was left RUNNING: now KILLED, %s",
+                    gone.run_id,
+                    gone.run_name,
+                    gone.reason,
+                )
+            if claim.finished is not None:
+                outcome = "ok"
                 log.info(
                     "skipping %s: run %s already finished with this config (force=true re-runs it)",
                     cfg.variant,
-                    done.info.run_id,
+                    claim.finished.info.run_id,
                 )
-                return _finite(value, cfg.objective)
-        commit, dirty = tracking.git_state()
-        tags = {
-            "fitscope.variant": cfg.variant,
-            "fitscope.dataset": cfg.data.name,
-            "fitscope.study": cfg.study,
-            "fitscope.config_hash": chash,
-            "fitscope.data_manifest_sha256": dm.manifest_sha256(),
-            "mlflow.source.git.commit": commit,
-            "fitscope.git_dirty": str(dirty).lower(),
-            **_job_info(),
-        }
-        parent = os.environ.get(tracking.PARENT_ENV)
-        if not parent and cfg.tracking.parent_key:
-            parent = tracking.find_or_create_parent(
-                client,
-                exp_id,
-                tracking.commit_parent_key(cfg.tracking.parent_key, commit),
-                run_name=cfg.study,
-            )
-        if parent:
-            tags[tracking.PARENT_TAG] = parent
-        tracker = tracking.RunTracker.create(
-            client, exp_id, cfg.variant, tracking.flatten(run_cfg), tags
-        )
-
-    try:
-        return _fit(cfg, dm, run_dir, tracker)
+                return _finite(
+                    claim.finished.data.metrics.get(f"best/{cfg.objective}"), cfg.objective
+                )
+            if claim.holder is not None:
+                outcome = "ok"
+                owner = tracking.run_owner(claim.holder)
+                log.info(
+                    "skipping %s: already running in %s (MLflow run %s)",
+                    cfg.variant,
+                    owner or "another process",
+                    claim.holder.info.run_id,
+                )
+                return worst_value(cfg.objective)
+            tracker = claim.tracker
+        value = _fit(cfg, dm, run_dir, tracker)
+        outcome = "ok"
+        return value
     except BaseException as exc:
         if tracker is not None:
             interrupted = isinstance(exc, KeyboardInterrupt)
             tracker.fail(f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
         raise
+    finally:
+        if own_parent is not None:  # a parent this run opened (tracking.parent_key) is closed
+            with _warn_on_error("could not close the parent run"):
+                tracking.close_parent(client, own_parent, cfg.objective, failed=outcome == "failed")
+
+
+@contextlib.contextmanager
+def _warn_on_error(what: str) -> Iterator[None]:
+    """Bookkeeping in a ``finally`` must not hide the outcome it follows."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("%s: %s", what, exc)
 
 
 def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
@@ -354,7 +397,12 @@ class MlflowSweepCallback(Callback):
         parent = os.environ.pop(tracking.PARENT_ENV, None)
         best = None
         if parent:
-            best = tracking.close_parent(tracking.get_client(), parent, config.objective)
+            best = tracking.close_parent(
+                tracking.get_client(),
+                parent,
+                config.objective,
+                tolerate_failures=_is_search(config),
+            )
         if _is_search(config):
             # A search tolerates failed trials; it fails only when no trial finished.
             if parent and best is None:
