@@ -1,4 +1,7 @@
-"""Crashes and races: real processes, real signals, the real SQLite MLflow store."""
+"""Interrupts, crashes and races: real processes, real signals, the real SQLite MLflow store.
+
+Every fault in docs/reliability.md ("Interrupts, crashes and races") has its test here.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_train, runs_of
+from conftest import last_error_line, run_train, runs_of
 from mlflow.entities import ViewType
 
 from fitscope import cli, lifecycle, tracking
@@ -30,6 +33,10 @@ TRAINING = [
     "logger.flush_every=1",  # every epoch reaches MLflow: the tests poll for it
     "logger.log_model=false",
 ]
+SWEEP = ["-m", "optimizer.lr=0.001,0.002", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+INTERRUPTED = re.compile(
+    r"fitscope: interrupted at epoch (\d+); run the same command again to resume"
+)
 
 
 class Train:
@@ -88,10 +95,34 @@ def by_status(runs) -> dict[str, int]:
     return counts
 
 
+def finished_per_config(children) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in children:
+        if run.info.status == "FINISHED":
+            chash = run.data.tags[tracking.CONFIG_HASH_TAG]
+            counts[chash] = counts.get(chash, 0) + 1
+    return counts
+
+
 @pytest.mark.slow
-def test_a_run_killed_with_sigkill_is_reconciled_by_the_rerun(processed_dir, tmp_path, mlflow_uri):
+def test_single_run_interrupted_killed_and_rerun_trains_once(processed_dir, tmp_path, mlflow_uri):
     args = [f"paths.data_dir={processed_dir}", "study=t_signals", *TRAINING]
     client = tracking.get_client()
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        run = Train(args, tmp_path, mlflow_uri, signal.Signals(signum).name)
+        (running,) = wait_until_training(client, "t_signals", run, 1)
+        os.killpg(run.pid, signum)  # Ctrl-C / `kill`
+        proc = run.wait(60)
+        match = INTERRUPTED.fullmatch(last_error_line(proc, code))
+        assert match and proc.stderr.count("\n") == 1, proc.stderr  # one line, nothing else
+        epoch = int(match.group(1))
+        killed = client.get_run(running.info.run_id)
+        assert killed.info.status == "KILLED"
+        reason = killed.data.tags["fitscope.failure"]
+        assert reason == f"interrupted ({signal.Signals(signum).name}) at epoch {epoch}"
+        logged = len(client.get_metric_history(running.info.run_id, "val/loss"))
+        assert epoch >= 1 and epoch <= logged <= epoch + 1  # the epoch in progress (0-based)
+
     # kill -9 (or OOM, power loss): nothing can close the run; the next command does.
     run = Train(args, tmp_path, mlflow_uri, "SIGKILL")
     (orphan,) = wait_until_training(client, "t_signals", run, 1)
@@ -110,7 +141,102 @@ def test_a_run_killed_with_sigkill_is_reconciled_by_the_rerun(processed_dir, tmp
     assert reconciled.data.tags["fitscope.failure"].startswith("reconciled: its process")
     assert reconciled.data.tags["fitscope.reconciled"]
     _, children = runs_of(client, "t_signals")
-    assert by_status(children) == {"KILLED": 1, "FINISHED": 1}
+    assert by_status(children) == {"KILLED": 3, "FINISHED": 1}
+    assert len({c.data.tags[tracking.CONFIG_HASH_TAG] for c in children}) == 1
+
+
+@pytest.mark.slow
+def test_joblib_sweep_interrupted_killed_orphans_stop_and_rerun_trains_once(
+    processed_dir, tmp_path, mlflow_uri
+):
+    args = [*SWEEP, f"paths.data_dir={processed_dir}", "study=t_sweep_signals", *TRAINING]
+    client = tracking.get_client()
+    seen: set[str] = set()
+
+    def new_runs():
+        parents, children = runs_of(client, "t_sweep_signals")
+        fresh = [c for c in children if c.info.run_id not in seen]
+        seen.update(c.info.run_id for c in fresh)
+        return parents, fresh
+
+    # Ctrl-C reaches the whole process group (main + loky workers); `kill` only the main.
+    for signum, to_group in ((signal.SIGINT, True), (signal.SIGTERM, False)):
+        name = signal.Signals(signum).name
+        sweep = Train(args, tmp_path, mlflow_uri, f"sweep-{name}")
+        wait_until_training(client, "t_sweep_signals", sweep, 2)
+        (os.killpg if to_group else os.kill)(sweep.pid, signum)
+        proc = sweep.wait(120)
+        line = last_error_line(proc, 128 + signum)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert re.fullmatch(
+            rf"fitscope: interrupted \({name}\); runs KILLED: job \d large-none at epoch \d+, "
+            rf"job \d large-none at epoch \d+; run the same command again to resume",
+            line,
+        ), line
+        parents, children = new_runs()
+        assert len(parents) == 1 and parents[0].info.status == "KILLED"
+        assert parents[0].data.tags["fitscope.failure"] == "the sweep was interrupted"
+        assert by_status(children) == {"KILLED": 2}
+        for child in children:
+            assert child.data.tags["fitscope.failure"].startswith(f"interrupted ({name}) at epoch")
+
+    # kill -9 of the sweep's main process: its workers end their runs and exit by themselves.
+    sweep = Train(args, tmp_path, mlflow_uri, "sweep-SIGKILL")
+    wait_until_training(client, "t_sweep_signals", sweep, 2)
+    workers = psutil.Process(sweep.pid).children()
+    assert len(workers) >= 2
+    sweep.proc.kill()
+    killed_at = time.monotonic()
+    sweep.wait(30)
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"workers outlived their sweep: {alive}"
+    assert time.monotonic() - killed_at < 15  # ~1 s to notice, then the job ends its run
+    parents, children = new_runs()
+    assert parents[0].info.status == "RUNNING"  # its owner died: the next command reconciles it
+    assert by_status(children) == {"KILLED": 2}
+    for child in children:
+        assert child.data.tags["fitscope.failure"].startswith("interrupted (SIGTERM) at epoch")
+
+    # The same sweep, started twice at once: each config trains once, in one of them; the
+    # other skips it with one line and exits 0.
+    first = Train(args, tmp_path, mlflow_uri, "rerun-a")
+    second = Train(args, tmp_path, mlflow_uri, "rerun-b")
+    procs = [first.wait(300), second.wait(300)]
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
+    skipped = re.findall(
+        r"skipping large-none: already running in pid (\d+) on host (\S+) \(MLflow run \w+\)",
+        "".join(p.stdout for p in procs),
+    )
+    assert len(skipped) == 2, [p.stdout for p in procs]
+    parents, children = runs_of(client, "t_sweep_signals")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert "fitscope.failure" not in parents[0].data.tags
+    assert by_status(children) == {"KILLED": 6, "FINISHED": 2}
+    assert sorted(finished_per_config(children).values()) == [1, 1]
+    everything = client.search_runs([parents[0].info.experiment_id], run_view_type=ViewType.ALL)
+    assert not [r for r in everything if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_bad_job_closes_its_parent(processed_dir, tmp_path, mlflow_uri):
+    proc = run_train(
+        [
+            "-m",
+            f"paths.data_dir={processed_dir}",
+            "trainer=debug",
+            "study=t_badjob",
+            "logger.log_model=false",
+            "model=tiny,huge",
+        ],
+        tmp_path,
+        mlflow_uri,
+    )
+    assert proc.returncode in (1, 2), proc.stderr  # 2 once sweep jobs are validated first
+    parents, children = runs_of(tracking.get_client(), "t_badjob")
+    assert not [r for r in parents + children if r.info.status == "RUNNING"]
+    for parent in parents:  # none once jobs are validated before the parent is created
+        assert parent.info.status == "FAILED"
+        assert parent.data.tags["fitscope.failure"] == "the sweep failed (see its output)"
 
 
 def _dead_owner() -> lifecycle.Owner:
@@ -255,6 +381,17 @@ def test_a_claim_that_sees_an_earlier_rival_after_settling_withdraws(tmp_path, m
     assert withdrawn.info.status == "KILLED"
     assert withdrawn.data.tags["fitscope.claim_lost_to"] == rival[0]
     assert [r.info.run_id for r in client.search_runs([exp_id])] == rival
+
+
+def test_an_interrupt_in_a_plain_process_does_not_stop_its_next_job(monkeypatch):
+    monkeypatch.delenv(lifecycle.ENTRY_ENV, raising=False)
+    with pytest.raises(KeyboardInterrupt), lifecycle.JobGuard():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in a notebook, say
+        time.sleep(5)  # interrupted long before this ends
+    assert lifecycle.received() == signal.SIGINT
+    with lifecycle.JobGuard():  # the next train() call runs
+        assert lifecycle.received() is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_owner_is_identified_by_pid_and_start_time():

@@ -397,8 +397,9 @@ def close_parent(
     from mlflow.entities import RunTag
 
     heartbeats.discard(parent_id)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    reconcile(client, [experiment_id])  # dead children are KILLED first
     parent = client.get_run(parent_id)
-    reconcile(client, [parent.info.experiment_id])  # dead children are KILLED first
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
@@ -417,13 +418,18 @@ def close_parent(
         "children_failed": sum(r.info.status == "FAILED" for r in children),
         "children_killed": sum(r.info.status == "KILLED" for r in children),
     }
-    effective = set(_effective_statuses(children).values())
-    if interrupted or "KILLED" in effective:
-        status = "KILLED"
-    elif failed or not done or ("FAILED" in effective and not tolerate_failures):
-        status = "FAILED"
-    else:
-        status = "FINISHED"
+    effective = list(_effective_statuses(children).values())
+    status, reason = "FINISHED", None
+    if interrupted:
+        status, reason = "KILLED", "the sweep was interrupted"
+    elif "KILLED" in effective:
+        status, reason = "KILLED", f"{effective.count('KILLED')} config(s) ended KILLED"
+    elif failed:
+        status, reason = "FAILED", "the sweep failed (see its output)"
+    elif not done:
+        status, reason = "FAILED", "no child run finished"
+    elif "FAILED" in effective and not tolerate_failures:
+        status, reason = "FAILED", f"{effective.count('FAILED')} config(s) failed"
     best, tags, metrics = None, [], dict(counts)
     if done:
         sign = 1 if objective.endswith("loss") else -1
@@ -439,6 +445,10 @@ def close_parent(
                 if k.startswith(("optimizer.", "regularization.", "model."))
             ),
         ]
+    if reason is not None:
+        tags.append(RunTag(FAILURE_TAG, reason))
+    elif FAILURE_TAG in parent.data.tags:
+        client.delete_tag(parent_id, FAILURE_TAG)  # from an earlier attempt or a reconcile
     client.log_batch(parent_id, metrics=_summary_metrics(metrics), tags=tags)
     client.set_terminated(parent_id, status=status)
     return best

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -297,3 +298,22 @@ class RestoreBestWeights(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.best_state is not None:
             pl_module.load_state_dict(self.best_state)
+
+
+class InterruptWatch(pl.Callback):
+    """The epoch in progress (for the interrupt message), and a SIGTERM Lightning missed.
+
+    Inside ``fit`` Lightning turns SIGTERM into ``SIGTERMException`` at the next batch or
+    epoch boundary; a signal that lands after the last boundary would go unnoticed, so
+    ``check`` (``lifecycle.JobGuard.check``) re-raises it when the fit ends.
+    """
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self.check = check
+        self.epoch: int | None = None  # None until training starts
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch = trainer.current_epoch
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check()
