@@ -117,6 +117,24 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written to {path} (and {path.with_suffix('.html')})")
 
 
+def cmd_runs_reconcile(args: argparse.Namespace) -> None:
+    from fitscope import tracking
+
+    if args.stale_after is not None and not args.stale_after > 0:
+        raise FitscopeError(
+            f"--stale-after {args.stale_after:g} must be a positive number of seconds. "
+            "Fix: e.g. --stale-after 600"
+        )
+    client = tracking.existing_client()
+    changed, running, names = tracking.reconcile_store(client, args.experiment, args.stale_after)
+    for run in changed:
+        print(f"KILLED {run.run_id} {names[run.experiment_id]}/{run.run_name}: {run.reason}")
+    print(
+        f"reconciled {len(names)} experiment(s): {len(changed)} run(s) KILLED, "
+        f"{len(running)} still RUNNING"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fitscope", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="DVC params file")
@@ -170,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metrics", default="metrics")
     report.add_argument("--out", default="reports")
     report.set_defaults(func=cmd_report)
+
+    runs = sub.add_parser("runs", help="MLflow run housekeeping")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    reconcile = runs_sub.add_parser(
+        "reconcile",
+        help="end as KILLED the RUNNING runs whose process is gone (crash, kill -9, power loss)",
+    )
+    reconcile.add_argument("--experiment", help="only this experiment (default: all)")
+    reconcile.add_argument(
+        "--stale-after",
+        type=float,
+        metavar="S",
+        help="seconds without a heartbeat after which a run of another host counts as dead "
+        "(default: $FITSCOPE_STALE_AFTER_S or 600)",
+    )
+    reconcile.set_defaults(func=cmd_runs_reconcile)
     return parser
 
 

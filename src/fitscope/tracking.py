@@ -1,4 +1,10 @@
-"""MLflow tracking: the one place that resolves the tracking URI and talks to MLflow."""
+"""MLflow tracking: the one place that resolves the tracking URI and talks to MLflow.
+
+Besides params, metrics and models, it keeps the run statuses honest: every run fitscope
+opens records its owner (host, pid, process start time) and a heartbeat; runs whose owner
+is gone are reconciled to KILLED; a config is claimed before it is trained, so one config
+trains once even when identical jobs race (see :func:`claim_run`, docs/reliability.md).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +15,53 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-
 from fitscope.errors import FitscopeError
+from fitscope.lifecycle import Owner, block_signals_in_this_thread
 
 PARENT_ENV = "FITSCOPE_PARENT_RUN_ID"
 TAG = "fitscope."  # prefix of our own tags
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+CONFIG_HASH_TAG = f"{TAG}config_hash"
+OWNER_HOST_TAG, OWNER_PID_TAG, OWNER_STARTED_TAG = (
+    f"{TAG}owner.host",
+    f"{TAG}owner.pid",
+    f"{TAG}owner.started",
+)
+HEARTBEAT_TAG = f"{TAG}heartbeat"  # unix seconds of the owner's last sign of life
+FAILURE_TAG = f"{TAG}failure"  # why a run is FAILED or KILLED
+RECONCILED_TAG = f"{TAG}reconciled"  # when and by whom a dead owner's run was closed
+
+# Defaults; the environment variables override them (seconds).
+HEARTBEAT_S, HEARTBEAT_ENV = 30.0, "FITSCOPE_HEARTBEAT_S"
+STALE_AFTER_S, STALE_AFTER_ENV = 600.0, "FITSCOPE_STALE_AFTER_S"
+CLAIM_SETTLE_S, CLAIM_SETTLE_ENV = 3.0, "FITSCOPE_CLAIM_SETTLE_S"
 
 log = logging.getLogger(__name__)
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from environment variable ``name``, else ``default``."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise FitscopeError(
+            f"{name}={raw!r} is not a positive number of seconds. Fix: set it to e.g. "
+            f"{default:g} or unset it"
+        )
+    return value
 
 
 def resolve_tracking_uri() -> str:
@@ -163,17 +202,6 @@ def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
         return "unknown", False
 
 
-def find_finished_run(client, experiment_id: str, chash: str):
-    """The newest FINISHED run of this config in the experiment, or None."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG}config_hash` = '{chash}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
 def commit_parent_key(key: str, commit: str) -> str:
     """An explicit parent key scoped to a git commit: one parent per key and commit."""
     return f"{key}@{commit[:12]}"
@@ -187,10 +215,177 @@ def _summary_metrics(values: dict[str, float]) -> list:
     return [Metric(k, float(v), now, 0) for k, v in values.items()]
 
 
+def owner_tags(owner: Owner | None = None) -> dict[str, str]:
+    """Who holds a run open, and their first heartbeat."""
+    owner = owner or Owner.current()
+    return {
+        OWNER_HOST_TAG: owner.host,
+        OWNER_PID_TAG: str(owner.pid),
+        OWNER_STARTED_TAG: repr(owner.started),
+        HEARTBEAT_TAG: f"{time.time():.3f}",
+    }
+
+
+def run_owner(run) -> Owner | None:
+    tags = run.data.tags
+    try:
+        return Owner(tags[OWNER_HOST_TAG], int(tags[OWNER_PID_TAG]), float(tags[OWNER_STARTED_TAG]))
+    except (KeyError, ValueError):
+        return None
+
+
+def dead_reason(run, stale_after_s: float, now: float | None = None) -> str | None:
+    """Why a RUNNING run's owner is gone, or None while it may still be alive.
+
+    On this host the owner's pid and start time decide (a reused pid is not the owner).
+    For another host, or a run without owner tags, only the heartbeat (or the start time)
+    can: it is dead after ``stale_after_s`` seconds without one. That compares this
+    host's clock with the owner's: keep ``stale_after_s`` far above the clock skew.
+    """
+    owner = run_owner(run)
+    if owner is not None and owner.on_this_host():
+        return None if owner.alive() else f"its process ({owner}) is gone"
+    try:
+        last = float(run.data.tags[HEARTBEAT_TAG])
+    except (KeyError, ValueError):
+        last = run.info.start_time / 1000
+    age = (time.time() if now is None else now) - last
+    if age <= stale_after_s:
+        return None
+    who = f"host {owner.host}" if owner is not None else "its process (no owner recorded)"
+    return f"no heartbeat from {who} for {age:.0f} s (stale after {stale_after_s:g} s)"
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """A RUNNING run whose owner was gone, now KILLED."""
+
+    run_id: str
+    experiment_id: str
+    run_name: str
+    reason: str
+
+
+def reconcile(
+    client, experiment_ids: list[str], stale_after_s: float | None = None
+) -> list[Reconciled]:
+    """End as KILLED every fitscope run in the experiments that is RUNNING without an owner.
+
+    The reason goes into the ``fitscope.failure`` tag, the time and the reconciling process
+    into ``fitscope.reconciled``. Runs that fitscope did not open are left alone.
+    """
+    from mlflow.entities import RunTag
+
+    if stale_after_s is None:
+        stale_after_s = env_seconds(STALE_AFTER_ENV, STALE_AFTER_S)
+    runs = client.search_runs(
+        experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=5000
+    )
+    now = time.time()
+    stamp = f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} by {Owner.current()}"
+    done = []
+    for run in runs:
+        if not any(k.startswith(TAG) for k in run.data.tags):
+            continue
+        reason = dead_reason(run, stale_after_s, now)
+        if reason is None:
+            continue
+        run_id = run.info.run_id
+        tags = [RunTag(FAILURE_TAG, f"reconciled: {reason}"), RunTag(RECONCILED_TAG, stamp)]
+        client.log_batch(run_id, tags=tags)
+        client.set_terminated(run_id, status="KILLED")
+        done.append(Reconciled(run_id, run.info.experiment_id, run.info.run_name or "", reason))
+    return done
+
+
+def existing_client(uri: str | None = None):
+    """A client on a store that must already exist (a local SQLite file is not created)."""
+    uri = uri or resolve_tracking_uri()
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise FitscopeError(
+            f"no MLflow store at {path}. Fix: run from the directory that holds mlflow.db, "
+            "or set MLFLOW_TRACKING_URI"
+        )
+    return get_client(uri)
+
+
+def reconcile_store(
+    client, experiment: str | None = None, stale_after_s: float | None = None
+) -> tuple[list[Reconciled], list, dict[str, str]]:
+    """Reconcile one experiment (by name) or all: (runs KILLED, runs still RUNNING, names).
+
+    ``names`` maps experiment ids to names.
+    """
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise FitscopeError(
+                f"no MLflow experiment named {experiment!r} in {client.tracking_uri}. Fix: "
+                "check the name (`mlflow experiments search`), or leave --experiment out"
+            )
+        exps = [exp]
+    else:
+        exps = client.search_experiments()
+    names = {e.experiment_id: e.name for e in exps}
+    changed = reconcile(client, list(names), stale_after_s) if names else []
+    running = (
+        client.search_runs(
+            list(names), filter_string="attributes.status = 'RUNNING'", max_results=5000
+        )
+        if names
+        else []
+    )
+    return changed, running, names
+
+
+class _Heartbeats:
+    """One daemon thread per process stamps ``fitscope.heartbeat`` on the runs it holds open."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, client, run_id: str) -> None:
+        interval = env_seconds(HEARTBEAT_ENV, HEARTBEAT_S)
+        with self._lock:
+            self._runs[run_id] = client
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._beat, args=(interval,), name="fitscope-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def discard(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def _beat(self, interval: float) -> None:
+        block_signals_in_this_thread()
+        while True:
+            time.sleep(interval)
+            with self._lock:
+                runs = list(self._runs.items())
+            for run_id, client in runs:
+                try:
+                    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+                except Exception as exc:  # a missed beat is not worth a crashed run
+                    log.debug("heartbeat for run %s failed: %s", run_id, exc)
+
+
+heartbeats = _Heartbeats()
+
+
 def find_or_create_parent(
     client, experiment_id: str, key: str, run_name: str, tags: dict[str, str] | None = None
 ) -> str:
-    """The parent run tagged ``fitscope.parent_key=key``; created if absent (under the lock)."""
+    """The parent run tagged ``fitscope.parent_key=key``; created if absent (under the lock).
+
+    This process becomes its owner: a parent found again (a re-run sweep) is RUNNING again
+    until :func:`close_parent`, with this process's owner tags and heartbeat.
+    """
+    reconcile(client, [experiment_id])
     with _store_lock(client.tracking_uri):
         runs = client.search_runs(
             [experiment_id],
@@ -199,55 +394,197 @@ def find_or_create_parent(
             max_results=1,
         )
         if runs:
-            return runs[0].info.run_id
-        run = client.create_run(
-            experiment_id,
-            run_name=run_name,
-            tags={f"{TAG}parent_key": key, f"{TAG}role": "parent", **(tags or {})},
-        )
-        return run.info.run_id
+            run_id = runs[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            for stale in (FAILURE_TAG, RECONCILED_TAG):
+                if stale in runs[0].data.tags:
+                    client.delete_tag(run_id, stale)
+            from mlflow.entities import RunTag
+
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner_tags().items()])
+        else:
+            run_tags = {f"{TAG}parent_key": key, f"{TAG}role": "parent", **(tags or {})}
+            run_id = client.create_run(
+                experiment_id, run_name=run_name, tags={**run_tags, **owner_tags()}
+            ).info.run_id
+    heartbeats.add(client, run_id)
+    return run_id
 
 
-def close_parent(client, parent_id: str, objective: str) -> dict[str, Any] | None:
-    """Finish a sweep's parent run with its best child's params and objective.
+def _effective_statuses(children: list) -> dict[str, str]:
+    """One status per config: FINISHED if any run of it finished, else its newest run's."""
+    by_config: dict[str, list] = {}
+    for run in children:
+        by_config.setdefault(run.data.tags.get(CONFIG_HASH_TAG, run.info.run_id), []).append(run)
+    statuses = {}
+    for chash, runs in by_config.items():
+        if any(r.info.status == "FINISHED" for r in runs):
+            statuses[chash] = "FINISHED"
+        else:
+            statuses[chash] = max(runs, key=lambda r: r.info.start_time).info.status
+    return statuses
 
-    Returns the best child's summary, or None when no child finished (the parent
-    is then marked FAILED).
+
+def close_parent(
+    client,
+    parent_id: str,
+    objective: str | None = None,
+    *,
+    interrupted: bool = False,
+    failed: bool = False,
+    tolerate_failures: bool = False,
+) -> dict[str, Any] | None:
+    """End a sweep's parent run with its best child's params and objective.
+
+    Status: KILLED when the sweep was interrupted or a config's latest run was killed;
+    FAILED when the sweep itself failed, no child finished, or (unless
+    ``tolerate_failures``, as in a search) a config's runs all failed; else FINISHED.
+    Configs still RUNNING under another live sweep do not count (that sweep closes the
+    parent again when it ends). Returns the best child's summary, or None when no child
+    finished. ``objective`` defaults to the one the children were trained with.
     """
     from mlflow.entities import RunTag
 
+    heartbeats.discard(parent_id)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    reconcile(client, [experiment_id])  # dead children are KILLED first
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
         max_results=5000,
     )
+    if objective is None:
+        objective = next(
+            (c.data.params["objective"] for c in children if "objective" in c.data.params),
+            "val/loss",
+        )
     key = f"best/{objective}"
     done = [r for r in children if r.info.status == "FINISHED" and key in r.data.metrics]
     counts = {
         "children": len(children),
         "children_finished": len(done),
         "children_failed": sum(r.info.status == "FAILED" for r in children),
+        "children_killed": sum(r.info.status == "KILLED" for r in children),
     }
-    if not done:
-        client.log_batch(parent_id, metrics=_summary_metrics(counts))
-        client.set_terminated(parent_id, status="FAILED")
+    effective = list(_effective_statuses(children).values())
+    status, reason = "FINISHED", None
+    if interrupted:
+        status, reason = "KILLED", "the sweep was interrupted"
+    elif "KILLED" in effective:
+        status, reason = "KILLED", f"{effective.count('KILLED')} config(s) ended KILLED"
+    elif failed:
+        status, reason = "FAILED", "the sweep failed (see its output)"
+    elif not done:
+        status, reason = "FAILED", "no child run finished"
+    elif "FAILED" in effective and not tolerate_failures:
+        status, reason = "FAILED", f"{effective.count('FAILED')} config(s) failed"
+    best, tags, metrics = None, [], dict(counts)
+    if done:
+        sign = 1 if objective.endswith("loss") else -1
+        run = min(done, key=lambda r: sign * r.data.metrics[key])
+        best = {"run_id": run.info.run_id, "value": run.data.metrics[key], **counts}
+        metrics[key] = run.data.metrics[key]
+        tags = [
+            RunTag(f"{TAG}best_run_id", run.info.run_id),
+            RunTag(f"{TAG}best_variant", run.data.tags.get(f"{TAG}variant", "")),
+            *(
+                RunTag(f"best_param.{k}"[:250], v[:8000])
+                for k, v in run.data.params.items()
+                if k.startswith(("optimizer.", "regularization.", "model."))
+            ),
+        ]
+    if reason is not None:
+        tags.append(RunTag(FAILURE_TAG, reason))
+    elif FAILURE_TAG in parent.data.tags:
+        client.delete_tag(parent_id, FAILURE_TAG)  # from an earlier attempt or a reconcile
+    client.log_batch(parent_id, metrics=_summary_metrics(metrics), tags=tags)
+    client.set_terminated(parent_id, status=status)
+    return best
+
+
+@dataclass
+class Claim:
+    """The outcome of :func:`claim_run`: exactly one of the three is set."""
+
+    tracker: RunTracker | None = None  # this process won: its run, RUNNING, heartbeat on
+    finished: Any = None  # a FINISHED run of this config (skip unless force)
+    holder: Any = None  # the live run that holds this config (skip, even with force)
+    reconciled: list[Reconciled] = field(default_factory=list)
+
+
+def _blocker(client, experiment_id: str, chash: str, force: bool, mine=None) -> Claim | None:
+    """What keeps this process from training ``chash`` (None: nothing, or ``mine`` wins)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{chash}'", max_results=1000
+    )
+    if not force:
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if finished:
+            return Claim(finished=max(finished, key=lambda r: r.info.start_time))
+    stale_after = env_seconds(STALE_AFTER_ENV, STALE_AFTER_S)
+    live = [r for r in runs if r.info.status == "RUNNING" and not dead_reason(r, stale_after)]
+    if not live:
         return None
-    sign = 1 if objective.endswith("loss") else -1
-    best = min(done, key=lambda r: sign * r.data.metrics[key])
-    metrics = _summary_metrics({**counts, key: best.data.metrics[key]})
-    tags = [
-        RunTag(f"{TAG}best_run_id", best.info.run_id),
-        RunTag(f"{TAG}best_variant", best.data.tags.get(f"{TAG}variant", "")),
-        *(
-            RunTag(f"best_param.{k}"[:250], v[:8000])
-            for k, v in best.data.params.items()
-            if k.startswith(("optimizer.", "regularization.", "model."))
-        ),
-    ]
-    client.log_batch(parent_id, metrics=metrics, tags=tags)
-    client.set_terminated(parent_id, status="FINISHED")
-    return {"run_id": best.info.run_id, "value": best.data.metrics[key], **counts}
+    first = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
+    if mine is not None and first.info.run_id == mine:
+        return None
+    return Claim(holder=first)
+
+
+def claim_run(
+    client,
+    experiment_id: str,
+    chash: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    *,
+    force: bool = False,
+    settle_s: float | None = None,
+    exact: bool | None = None,
+) -> Claim:
+    """Claim config ``chash`` with a RUNNING run, unless a live run or a FINISHED one holds it.
+
+    MLflow has no compare-and-set, so on a shared store (a tracking server, a database)
+    the claim is: reconcile dead owners' runs; create the claim run; wait ``settle_s``;
+    list the live RUNNING runs (and, unless ``force``, the FINISHED ones) of the config;
+    the earliest ``(start_time, run_id)`` wins. A loser ends its claim KILLED and deletes
+    it (``delete_run``), so no stray run remains. The start times come from each client's
+    clock: this is exact as long as ``settle_s`` exceeds the clock skew between the hosts
+    plus the store's write latency (NTP keeps skew to milliseconds; the default is 3 s).
+
+    On a local SQLite store (``exact``, the default there) the whole check-and-create
+    runs under the store's file lock, which makes it exact and needs no settle time.
+    """
+    from mlflow.entities import Param, RunTag
+
+    if exact is None:
+        exact = _sqlite_path(client.tracking_uri) is not None
+    if settle_s is None:
+        settle_s = 0.0 if exact else env_seconds(CLAIM_SETTLE_ENV, CLAIM_SETTLE_S)
+    lock = _store_lock(client.tracking_uri) if exact else contextlib.nullcontext()
+    with lock:
+        reconciled = reconcile(client, [experiment_id])
+        blocker = _blocker(client, experiment_id, chash, force)
+        if blocker is not None:
+            blocker.reconciled = reconciled
+            return blocker
+        run_tags = {**tags, CONFIG_HASH_TAG: chash, **owner_tags()}
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+        if settle_s:
+            time.sleep(settle_s)
+            blocker = _blocker(client, experiment_id, chash, force, mine=run_id)
+            if blocker is not None:
+                held_by = (blocker.holder or blocker.finished).info.run_id
+                client.log_batch(run_id, tags=[RunTag(f"{TAG}claim_lost_to", held_by)])
+                client.set_terminated(run_id, status="KILLED")
+                client.delete_run(run_id)
+                blocker.reconciled = reconciled
+                return blocker
+    heartbeats.add(client, run_id)
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+    return Claim(tracker=RunTracker(client, run_id), reconciled=reconciled)
 
 
 class RunTracker:
@@ -255,6 +592,7 @@ class RunTracker:
 
     def __init__(self, client, run_id: str) -> None:
         self.client, self.run_id = client, run_id
+        self.closed = False
 
     @classmethod
     def create(
@@ -262,8 +600,9 @@ class RunTracker:
     ) -> RunTracker:
         from mlflow.entities import Param
 
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **owner_tags()})
         tracker = cls(client, run.info.run_id)
+        heartbeats.add(client, tracker.run_id)
         client.log_batch(
             tracker.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         )
@@ -322,35 +661,15 @@ class RunTracker:
             )
 
     def finish(self) -> None:
+        heartbeats.discard(self.run_id)
         self.client.set_terminated(self.run_id, status="FINISHED")
+        self.closed = True
 
     def fail(self, reason: str, status: str = "FAILED") -> None:
         """End the run as FAILED (or KILLED) with the reason in the ``fitscope.failure`` tag."""
-        self.set_tags({f"{TAG}failure": reason[:8000]})
+        if self.closed:
+            return
+        heartbeats.discard(self.run_id)
+        self.set_tags({FAILURE_TAG: reason[:8000]})
         self.client.set_terminated(self.run_id, status=status)
-
-
-class MlflowEpochLogger(pl.Callback):
-    """Sends the epoch history to MLflow in batches (every ``every`` epochs and at the end)."""
-
-    def __init__(self, tracker: RunTracker, history, every: int = 25) -> None:
-        self.tracker, self.history, self.every = tracker, history, every
-        self.sent = 0
-
-    def flush(self) -> None:
-        rows = self.history.rows[self.sent :]
-        if rows:
-            self.tracker.log_rows(rows)
-            self.sent += len(rows)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(self.history.rows) - self.sent >= self.every:
-            self.flush()
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.flush()
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self.flush()
+        self.closed = True

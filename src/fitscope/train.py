@@ -7,12 +7,16 @@ stopping and best-weight restore -> outputs + MLflow run. Returns the objective
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,82 +81,166 @@ def _run_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> float:
-    """Train one variant; return the objective at the selected (best or last) epoch."""
+    """Train one variant; return the objective at the selected (best or last) epoch.
+
+    With MLflow, the run first claims its config (``tracking.claim_run``): a config that a
+    live run holds, or that a FINISHED run has (unless ``force``), is skipped with one line.
+    SIGINT/SIGTERM end the run KILLED and raise ``lifecycle.Interrupted``.
+    """
     validate(cfg)
 
-    from fitscope import tracking
+    from fitscope import lifecycle, tracking
     from fitscope.datamodules import ArrayDataModule
+    from fitscope.training import InterruptWatch
 
     run_dir = Path(cfg.paths.run_dir)
     check_writable_dir(run_dir, "paths.run_dir")  # before training, not after it
-    run_cfg = _run_config(cfg)
-    chash = tracking.config_hash(run_cfg)
-    dm = ArrayDataModule(
-        cfg.data.dir,
-        task=cfg.data.task,
-        batch_size=cfg.data.batch_size,
-        train_size=cfg.data.train_size,
-        augment_shift=cfg.regularization.augment_shift,
-        seed=cfg.seed,
+    guard = lifecycle.JobGuard()
+    watch = InterruptWatch(guard.check)
+    # Lightning logs "Received SIGTERM" on its own stderr handler; the interrupt has one line.
+    logging.getLogger("pytorch_lightning.trainer.connectors.signal_connector").setLevel(
+        logging.WARNING
     )
-    dm.setup()  # refuses a missing split with a one-line error
-
-    tracker = None
-    if cfg.logger.name == "mlflow":
-        client = tracking.get_client()
-        exp_id = tracking.ensure_experiment(client, cfg.study)
-        if not cfg.force:
-            done = tracking.find_finished_run(client, exp_id, chash)
-            if done is not None:
-                value = done.data.metrics.get(f"best/{cfg.objective}")
-                log.info(
-                    "skipping %s: run %s already finished with this config (force=true re-runs it)",
-                    cfg.variant,
-                    done.info.run_id,
-                )
-                return _finite(value, cfg.objective)
-        commit, dirty = tracking.git_state()
-        tags = {
-            "fitscope.variant": cfg.variant,
-            "fitscope.dataset": cfg.data.name,
-            "fitscope.study": cfg.study,
-            "fitscope.config_hash": chash,
-            "fitscope.data_manifest_sha256": dm.manifest_sha256(),
-            "mlflow.source.git.commit": commit,
-            "fitscope.git_dirty": str(dirty).lower(),
-            **_job_info(),
-        }
-        parent = os.environ.get(tracking.PARENT_ENV)
-        if not parent and cfg.tracking.parent_key:
-            parent = tracking.find_or_create_parent(
-                client,
-                exp_id,
-                tracking.commit_parent_key(cfg.tracking.parent_key, commit),
-                run_name=cfg.study,
-            )
-        if parent:
-            tags[tracking.PARENT_TAG] = parent
-        tracker = tracking.RunTracker.create(
-            client, exp_id, cfg.variant, tracking.flatten(run_cfg), tags
-        )
-
+    opened = _Opened()
+    outcome = "failed"
     try:
-        return _fit(cfg, dm, run_dir, tracker)
+        with guard:
+            dm = ArrayDataModule(
+                cfg.data.dir,
+                task=cfg.data.task,
+                batch_size=cfg.data.batch_size,
+                train_size=cfg.data.train_size,
+                augment_shift=cfg.regularization.augment_shift,
+                seed=cfg.seed,
+            )
+            dm.setup()  # refuses a missing split with a one-line error
+            if cfg.logger.name == "mlflow":
+                skipped = _claim(cfg, dm, guard, opened)
+                if skipped is not None:
+                    outcome = "ok"
+                    return skipped
+            value = _fit(cfg, dm, run_dir, opened.tracker, [watch])
+            outcome = "ok"
+            return value
     except BaseException as exc:
+        tracker = opened.tracker
+        signum = lifecycle.received()
+        if signum is not None:
+            outcome = "interrupted"
+            where = "before training" if watch.epoch is None else f"at epoch {watch.epoch}"
+            if tracker is not None:
+                tracker.fail(f"interrupted ({lifecycle.signal_name(signum)}) {where}", "KILLED")
+            raise lifecycle.Interrupted(
+                signum, f"interrupted {where}; {lifecycle.RESUME_HINT}"
+            ) from None
         if tracker is not None:
             interrupted = isinstance(exc, KeyboardInterrupt)
             tracker.fail(f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
         raise
+    finally:
+        if opened.own_parent is not None:  # a parent this run opened (tracking.parent_key)
+            with _warn_on_error("could not close the parent run"):
+                tracking.close_parent(
+                    opened.client,
+                    opened.own_parent,
+                    cfg.objective,
+                    interrupted=outcome == "interrupted",
+                    failed=outcome == "failed",
+                )
 
 
-def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
+@dataclass
+class _Opened:
+    """What a training run opened in MLflow, for the way out whatever happens."""
+
+    client: Any = None
+    tracker: Any = None  # the run (tracking.RunTracker), once the config is claimed
+    own_parent: str | None = None  # a parent run this run opened itself
+
+
+def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
+    """Claim this config with a RUNNING run (``opened.tracker``); the value to return if
+    the job is skipped instead (a FINISHED run has it, or a live run holds it)."""
+    from fitscope import tracking
+
+    run_cfg = _run_config(cfg)
+    client = opened.client = tracking.get_client()
+    exp_id = tracking.ensure_experiment(client, cfg.study)
+    commit, dirty = tracking.git_state()
+    tags = {
+        "fitscope.variant": cfg.variant,
+        "fitscope.dataset": cfg.data.name,
+        "fitscope.study": cfg.study,
+        "fitscope.data_manifest_sha256": dm.manifest_sha256(),
+        "mlflow.source.git.commit": commit,
+        "fitscope.git_dirty": str(dirty).lower(),
+        **_job_info(),
+    }
+    parent = os.environ.get(tracking.PARENT_ENV)
+    if not parent and cfg.tracking.parent_key:
+        parent = opened.own_parent = tracking.find_or_create_parent(
+            client,
+            exp_id,
+            tracking.commit_parent_key(cfg.tracking.parent_key, commit),
+            run_name=cfg.study,
+        )
+    if parent:
+        tags[tracking.PARENT_TAG] = parent
+    with guard.shield():  # a signal waits until the claim is settled either way
+        claim = tracking.claim_run(
+            client,
+            exp_id,
+            tracking.config_hash(run_cfg),
+            cfg.variant,
+            tracking.flatten(run_cfg),
+            tags,
+            force=cfg.force,
+        )
+        opened.tracker = claim.tracker
+    for gone in claim.reconciled:
+        log.warning(
+            "run %s (%s) was left RUNNING: now KILLED, %s", gone.run_id, gone.run_name, gone.reason
+        )
+    if claim.finished is not None:
+        log.info(
+            "skipping %s: run %s already finished with this config (force=true re-runs it)",
+            cfg.variant,
+            claim.finished.info.run_id,
+        )
+        return _finite(claim.finished.data.metrics.get(f"best/{cfg.objective}"), cfg.objective)
+    if claim.holder is not None:
+        log.info(
+            "skipping %s: already running in %s (MLflow run %s)",
+            cfg.variant,
+            tracking.run_owner(claim.holder) or "another process",
+            claim.holder.info.run_id,
+        )
+        return worst_value(cfg.objective)
+    return None
+
+
+@contextlib.contextmanager
+def _warn_on_error(what: str) -> Iterator[None]:
+    """Bookkeeping in a ``finally`` must not hide the outcome it follows."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("%s: %s", what, exc)
+
+
+def _fit(cfg: DictConfig, dm, run_dir: Path, tracker, extra_callbacks=()) -> float:
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import EarlyStopping
 
     from fitscope.models import ProbabilityModel, build_mlp_from_config, count_parameters
-    from fitscope.tracking import MlflowEpochLogger
-    from fitscope.training import EpochHistory, FitModule, RestoreBestWeights, build_trainer
+    from fitscope.training import (
+        EpochHistory,
+        FitModule,
+        MlflowEpochLogger,
+        RestoreBestWeights,
+        build_trainer,
+    )
 
     torch.set_num_threads(cfg.trainer.num_threads)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning-internal deprecation
@@ -175,7 +263,7 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker) -> float:
     )
     es_cfg = cfg.callbacks.early_stopping
     history = EpochHistory()
-    callbacks: list[pl.Callback] = [history]
+    callbacks: list[pl.Callback] = [*extra_callbacks, history]
     restore = None
     if es_cfg.restore_best_weights:
         restore = RestoreBestWeights(es_cfg.monitor, es_cfg.mode, es_cfg.min_delta)
@@ -321,14 +409,34 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow parent run %s in experiment %r", parent, config.study)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from fitscope import tracking
+        from fitscope import lifecycle, tracking
 
         failed_file = Path(config.hydra.sweep.dir) / FAILED_JOBS
         failed = failed_file.read_text().splitlines() if failed_file.exists() else []
         parent = os.environ.pop(tracking.PARENT_ENV, None)
+        signum = lifecycle.received()
         best = None
         if parent:
-            best = tracking.close_parent(tracking.get_client(), parent, config.objective)
+            best = tracking.close_parent(
+                tracking.get_client(),
+                parent,
+                config.objective,
+                interrupted=signum is not None,
+                tolerate_failures=_is_search(config),
+            )
+        if signum is not None:
+            # Ctrl-C / SIGTERM reached the jobs in the workers; each ended its run KILLED
+            # and returned, so the sweep ended normally. Report it as the interrupt it is.
+            stopped = [
+                f"job {num} {variant} at epoch {m.group(1)}"
+                for num, variant, reason in (line.split("\t", 2) for line in failed)
+                if (m := re.match(r"interrupted at epoch (\d+)", reason))
+            ]
+            detail = f"; runs KILLED: {', '.join(stopped)}" if stopped else ""
+            raise lifecycle.Interrupted(
+                signum,
+                f"interrupted ({lifecycle.signal_name(signum)}){detail}; {lifecycle.RESUME_HINT}",
+            )
         if _is_search(config):
             # A search tolerates failed trials; it fails only when no trial finished.
             if parent and best is None:
@@ -361,6 +469,7 @@ def worst_value(objective: str) -> float:
 
 @hydra.main(config_path=_conf_dir(), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
+    from fitscope import lifecycle
     from fitscope.cli import run_cli
 
     if _job_info():
@@ -370,31 +479,64 @@ def _hydra_main(cfg: DictConfig) -> float:
             return train(cfg)
         except FitscopeError as exc:
             log.error("fitscope: error: %s", exc)
-            hc = HydraConfig.get()
-            with open(Path(hc.sweep.dir) / FAILED_JOBS, "a") as fh:
-                fh.write(f"{hc.job.num}\t{cfg.variant}\t{exc}\n")
+            _record_failed_job(cfg, str(exc))
+            return worst_value(cfg.objective)
+        except lifecycle.Interrupted as exc:
+            if not lifecycle.in_worker():
+                raise  # the job ran in the sweep's own process: the sweep stops here
+            # A worker returns: raising would make joblib SIGKILL the other workers while
+            # they end their runs. The sweep's process reports the interrupt at its end.
+            log.warning("%s (job %s): %s", cfg.variant, HydraConfig.get().job.num, exc.message)
+            _record_failed_job(cfg, exc.message)
             return worst_value(cfg.objective)
     return run_cli(lambda: train(cfg))
 
 
+def _record_failed_job(cfg: DictConfig, reason: str) -> None:
+    hc = HydraConfig.get()
+    with open(Path(hc.sweep.dir) / FAILED_JOBS, "a") as fh:
+        fh.write(f"{hc.job.num}\t{cfg.variant}\t{reason}\n")
+
+
 def main() -> None:
-    """Console script ``fitscope-train``: every usage error is one line and exit code 2."""
+    """Console script ``fitscope-train`` (and ``python -m fitscope.train``).
+
+    Every usage error is one line and exit code 2. Runs Hydra under fitscope's process
+    lifecycle (signals, orphan watchdog: lifecycle.py) and closes a sweep's parent run
+    that the sweep left open (Hydra skips ``on_multirun_end`` when the sweep raises).
+    """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from fitscope import lifecycle, tracking
     from fitscope.sweeps import usage_error
 
-    # Hydra prints its own errors over several lines and exits 1; with this set it raises
-    # them, and they are printed here the way fitscope prints every usage error.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        _hydra_main()
-    except FitscopeError as exc:
-        print(f"fitscope: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (HydraException, OmegaConfBaseException) as exc:
-        print(f"fitscope: error: {usage_error(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    inherited = os.environ.get(tracking.PARENT_ENV)
+
+    def close_open_parent(outcome: str) -> None:
+        parent = os.environ.pop(tracking.PARENT_ENV, None)
+        if parent and parent != inherited:
+            tracking.close_parent(
+                tracking.get_client(),
+                parent,
+                interrupted=outcome == "interrupted",
+                failed=outcome == "failed",
+            )
+
+    def run_hydra() -> None:
+        # Hydra prints its own errors over several lines and exits 1; with this set it
+        # raises them, and they are printed here the way fitscope prints every usage error.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            _hydra_main()
+        except FitscopeError as exc:
+            print(f"fitscope: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except (HydraException, OmegaConfBaseException) as exc:
+            print(f"fitscope: error: {usage_error(exc)}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    lifecycle.run_entry(run_hydra, close_open_parent)
 
 
 if __name__ == "__main__":

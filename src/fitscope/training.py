@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -262,6 +263,32 @@ class EpochHistory(pl.Callback):
         write_csv(path, [columns, *([row.get(c, "") for c in columns] for row in self.rows)])
 
 
+class MlflowEpochLogger(pl.Callback):
+    """Sends the epoch history to a ``tracking.RunTracker`` in batches of ``every`` epochs."""
+
+    def __init__(self, tracker, history: EpochHistory, every: int = 25) -> None:
+        self.tracker, self.history, self.every = tracker, history, every
+        self.sent = 0
+
+    def flush(self) -> None:
+        rows = self.history.rows[self.sent :]
+        if rows:
+            self.tracker.log_rows(rows)
+            self.sent += len(rows)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(self.history.rows) - self.sent >= self.every:
+            self.flush()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.flush()
+
+
 class RestoreBestWeights(pl.Callback):
     """Keeps a copy of the weights of the best epoch and loads them when training ends.
 
@@ -328,3 +355,22 @@ class PeriodicCheckpoint(pl.Callback):
         trainer.save_checkpoint(self.path)
         self.last_save = time.monotonic()
         self.saved += 1
+
+
+class InterruptWatch(pl.Callback):
+    """The epoch in progress (for the interrupt message), and a SIGTERM Lightning missed.
+
+    Inside ``fit`` Lightning turns SIGTERM into ``SIGTERMException`` at the next batch or
+    epoch boundary; a signal that lands after the last boundary would go unnoticed, so
+    ``check`` (``lifecycle.JobGuard.check``) re-raises it when the fit ends.
+    """
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self.check = check
+        self.epoch: int | None = None  # None until training starts
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch = trainer.current_epoch
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check()
