@@ -587,6 +587,37 @@ def claim_run(
     return Claim(tracker=RunTracker(client, run_id), reconciled=reconciled)
 
 
+def take_over(client, claim: RunTracker, run_id: str, chash: str, monitor: str):
+    """Continue the KILLED run ``run_id`` of config ``chash`` instead of the new ``claim``.
+
+    The old run becomes RUNNING under this process (owner tags, heartbeat) before the
+    claim run is deleted, so a live run holds the config throughout. Returns the old run's
+    tracker and the last epoch it logged (-1 if none), or None (and nothing changes) when
+    that run is not a KILLED run of this config.
+    """
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    try:
+        old = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if old.info.status != "KILLED" or old.data.tags.get(CONFIG_HASH_TAG) != chash:
+        return None
+    client.update_run(run_id, status="RUNNING")
+    resumed = f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} (claim {claim.run_id})"
+    tags = [RunTag(k, v) for k, v in owner_tags().items()]
+    client.log_batch(run_id, tags=[*tags, RunTag(f"{TAG}resumed", resumed)])
+    if FAILURE_TAG in old.data.tags:
+        client.delete_tag(run_id, FAILURE_TAG)
+    heartbeats.add(client, run_id)
+    heartbeats.discard(claim.run_id)
+    client.set_terminated(claim.run_id, status="KILLED")
+    client.delete_run(claim.run_id)  # the claim was only a placeholder: no stray run stays
+    logged = [m.step for m in client.get_metric_history(run_id, monitor)]
+    return RunTracker(client, run_id), max(logged, default=-1)
+
+
 class RunTracker:
     """One MLflow run: params, tags, batched per-epoch metrics, model, final status."""
 

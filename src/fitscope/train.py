@@ -8,10 +8,12 @@ stopping and best-weight restore -> outputs + MLflow run. Returns the objective
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -114,12 +116,18 @@ def train(cfg: DictConfig) -> float:
                 seed=cfg.seed,
             )
             dm.setup()  # refuses a missing split with a one-line error
+            ckpt_dir = _checkpoint_dir(cfg)
+            if cfg.force:  # a forced re-run starts from scratch
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
             if cfg.logger.name == "mlflow":
                 skipped = _claim(cfg, dm, guard, opened)
                 if skipped is not None:
                     outcome = "ok"
                     return skipped
-            value = _fit(cfg, dm, run_dir, opened.tracker, [watch])
+            resume = _resume_point(cfg, ckpt_dir, opened)
+            value = _fit(cfg, dm, run_dir, opened.tracker, [watch], ckpt_dir=ckpt_dir, **resume)
+            if not cfg.callbacks.checkpoint.keep:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
             outcome = "ok"
             return value
     except BaseException as exc:
@@ -136,6 +144,10 @@ def train(cfg: DictConfig) -> float:
         if tracker is not None:
             interrupted = isinstance(exc, KeyboardInterrupt)
             tracker.fail(f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
+        if not isinstance(
+            exc, KeyboardInterrupt
+        ):  # a failed run is not resumed: it would fail again
+            shutil.rmtree(_checkpoint_dir(cfg), ignore_errors=True)
         raise
     finally:
         if opened.own_parent is not None:  # a parent this run opened (tracking.parent_key)
@@ -147,6 +159,48 @@ def train(cfg: DictConfig) -> float:
                     interrupted=outcome == "interrupted",
                     failed=outcome == "failed",
                 )
+
+
+def _checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where this config's resume checkpoint lives: ``<dir>/<study>/<config hash>/``."""
+    from fitscope import tracking
+
+    chash = tracking.config_hash(_run_config(cfg))
+    return Path(cfg.callbacks.checkpoint.dir) / cfg.study / chash
+
+
+RESUME_RUN_FILE = "mlflow_run.json"  # beside last.ckpt: the MLflow run the checkpoint belongs to
+
+
+def _resume_point(cfg: DictConfig, ckpt_dir: Path, opened: _Opened) -> dict[str, Any]:
+    """How ``_fit`` starts: from ``last.ckpt`` of an interrupted run of this config, if any.
+
+    With MLflow, the interrupted (KILLED) run is continued: it replaces the new claim run,
+    and only epochs after the last one it logged are sent.
+    """
+    from fitscope import tracking
+
+    ckpt = ckpt_dir / "last.ckpt"
+    run_file = ckpt_dir / RESUME_RUN_FILE
+    if not ckpt.is_file():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a run file without a checkpoint
+        return {}
+    logged_through = -1
+    if opened.tracker is not None:
+        previous = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+        taken = previous and tracking.take_over(
+            opened.client,
+            opened.tracker,
+            previous,
+            tracking.config_hash(_run_config(cfg)),
+            "val/loss",
+        )
+        if not taken:  # that run is gone or did not end KILLED: start afresh
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            return {}
+        opened.tracker, logged_through = taken
+    log.info("resuming %s from %s", cfg.variant, ckpt)
+    return {"resume_from": ckpt, "logged_through": logged_through}
 
 
 @dataclass
@@ -228,7 +282,17 @@ def _warn_on_error(what: str) -> Iterator[None]:
         log.warning("%s: %s", what, exc)
 
 
-def _fit(cfg: DictConfig, dm, run_dir: Path, tracker, extra_callbacks=()) -> float:
+def _fit(
+    cfg: DictConfig,
+    dm,
+    run_dir: Path,
+    tracker,
+    extra_callbacks=(),
+    *,
+    ckpt_dir: Path,
+    resume_from: Path | None = None,
+    logged_through: int = -1,
+) -> float:
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import EarlyStopping
@@ -238,6 +302,7 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker, extra_callbacks=()) -> flo
         EpochHistory,
         FitModule,
         MlflowEpochLogger,
+        PeriodicCheckpoint,
         RestoreBestWeights,
         build_trainer,
     )
@@ -279,7 +344,24 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker, extra_callbacks=()) -> flo
         )
         callbacks.append(early)
     if tracker is not None:
-        callbacks.append(MlflowEpochLogger(tracker, history, every=cfg.logger.flush_every))
+        callbacks.append(
+            MlflowEpochLogger(
+                tracker, history, every=cfg.logger.flush_every, logged_through=logged_through
+            )
+        )
+    ckpt_cfg = cfg.callbacks.checkpoint
+    if ckpt_cfg.every_s is not None or ckpt_cfg.every_epochs is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tracker is not None:
+            write_json(ckpt_dir / RESUME_RUN_FILE, {"run_id": tracker.run_id})
+        # Last: it saves the state the callbacks above have just updated for this epoch.
+        callbacks.append(
+            PeriodicCheckpoint(
+                ckpt_dir / "last.ckpt",
+                every_s=ckpt_cfg.every_s,
+                every_epochs=ckpt_cfg.every_epochs,
+            )
+        )
     trainer = build_trainer(
         callbacks,
         max_epochs=cfg.trainer.max_epochs,
@@ -291,7 +373,7 @@ def _fit(cfg: DictConfig, dm, run_dir: Path, tracker, extra_callbacks=()) -> flo
         root_dir=str(run_dir),
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
     if not history.rows:
         raise FitscopeError("training produced no epochs. Fix: check trainer.max_epochs")

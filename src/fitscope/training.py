@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Checkpoint
 from torch import nn
 from torchmetrics.functional.classification import (
     binary_accuracy,
@@ -223,7 +224,8 @@ def build_trainer(
         precision=precision,
         callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        # Only our own checkpoint callback (resume), never Lightning's default one.
+        enable_checkpointing=any(isinstance(cb, Checkpoint) for cb in callbacks),
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -266,18 +268,24 @@ class EpochHistory(pl.Callback):
 class MlflowEpochLogger(pl.Callback):
     """Sends the epoch history to a ``tracking.RunTracker`` in batches of ``every`` epochs."""
 
-    def __init__(self, tracker, history: EpochHistory, every: int = 25) -> None:
+    def __init__(
+        self, tracker, history: EpochHistory, every: int = 25, logged_through: int = -1
+    ) -> None:
         self.tracker, self.history, self.every = tracker, history, every
-        self.sent = 0
+        # Epochs up to this one are in MLflow already (a resumed run): never sent twice.
+        self.logged_through = logged_through
+
+    def _unsent(self) -> list[dict[str, float]]:
+        return [row for row in self.history.rows if row["epoch"] > self.logged_through]
 
     def flush(self) -> None:
-        rows = self.history.rows[self.sent :]
+        rows = self._unsent()
         if rows:
             self.tracker.log_rows(rows)
-            self.sent += len(rows)
+            self.logged_through = int(rows[-1]["epoch"])
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(self.history.rows) - self.sent >= self.every:
+        if len(self._unsent()) >= self.every:
             self.flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -329,14 +337,14 @@ class RestoreBestWeights(pl.Callback):
         self.best_state = state_dict["weights"]
 
 
-class PeriodicCheckpoint(pl.Callback):
-    """Saves a Lightning checkpoint to resume from, at the end of an epoch's validation.
+class PeriodicCheckpoint(Checkpoint):
+    """Saves a Lightning checkpoint to resume from, at the end of a training epoch.
 
     Every ``every_epochs`` epochs when set, else once ``every_s`` seconds have passed
-    since the last save. ``trainer.save_checkpoint`` writes atomically (a temporary file
-    renamed into place), so a kill during a save leaves the previous checkpoint intact.
-    Register it after the callbacks whose state it must capture (history, early stopping,
-    best weights): callbacks run in list order.
+    since the last save. As a ``Checkpoint`` callback Lightning runs it after every other
+    callback's epoch end (early stopping included), as its own ModelCheckpoint, so the
+    saved state is the whole epoch's. ``trainer.save_checkpoint`` writes atomically (a
+    temporary file renamed into place): a kill during a save leaves the previous one intact.
     """
 
     def __init__(self, path, *, every_s: float | None = 30.0, every_epochs: int | None = None):
@@ -349,7 +357,7 @@ class PeriodicCheckpoint(pl.Callback):
             return (epoch + 1) % self.every_epochs == 0
         return self.every_s is not None and time.monotonic() - self.last_save >= self.every_s
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._due(trainer.current_epoch):
             return
         trainer.save_checkpoint(self.path)

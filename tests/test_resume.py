@@ -1,0 +1,88 @@
+"""Resume: a killed run continues its MLflow run from its last Lightning checkpoint and ends
+exactly where an uninterrupted run ends (deterministic mode, debug size)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import run_train, runs_of
+
+from fitscope import tracking
+
+ARGS = [
+    "model=large",
+    "regularization=dropout",  # dropout draws from the RNG: its state must be resumed too
+    "trainer.max_epochs=14",
+    "callbacks.early_stopping.patience=4",
+    "callbacks.checkpoint.every_epochs=1",
+    "logger.flush_every=1",
+    "logger.log_model=false",
+]
+
+
+def history(run_dir):
+    with open(run_dir / "history.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(
+    processed_dir, tmp_path, mlflow_uri
+):
+    common = [f"paths.data_dir={processed_dir}", *ARGS]
+    base = run_train(
+        [*common, "study=t_base", f"paths.run_dir={tmp_path / 'base'}"], tmp_path, mlflow_uri
+    )
+    assert base.returncode == 0, base.stderr
+
+    args = [*common, "study=t_resume", f"paths.run_dir={tmp_path / 'resumed'}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitscope.train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("checkpoints/t_resume/*/last.ckpt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
+    proc.wait()
+
+    again = run_train(args, tmp_path, mlflow_uri)
+    assert again.returncode == 0, again.stderr
+    output = again.stdout + again.stderr
+    assert "resuming large-dropout from" in output and "was left RUNNING: now KILLED" in output
+
+    # The same result as the uninterrupted run: history, best epoch, restored weights.
+    resumed_rows, base_rows = history(tmp_path / "resumed"), history(tmp_path / "base")
+    assert resumed_rows == base_rows
+    resumed_w, base_w = weights(tmp_path / "resumed"), weights(tmp_path / "base")
+    assert all(torch.equal(resumed_w[k], base_w[k]) for k in base_w)
+
+    # One MLflow run, continued: every epoch's metric exactly once, equal to the baseline's.
+    client = tracking.get_client(mlflow_uri)
+    _, runs = runs_of(client, "t_resume")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert "fitscope.resumed" in runs[0].data.tags
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/loss")]
+    assert sorted(steps) == list(range(len(base_rows)))
+    _, base_runs = runs_of(client, "t_base")
+    assert runs[0].data.metrics["best/val/loss"] == base_runs[0].data.metrics["best/val/loss"]
+    assert runs[0].data.metrics["best_epoch"] == base_runs[0].data.metrics["best_epoch"]
+    # The finished run's checkpoint is removed (callbacks.checkpoint.keep=false).
+    assert not list(tmp_path.glob("checkpoints/t_resume/*/last.ckpt"))
