@@ -88,3 +88,25 @@ def test_shell_text_in_a_params_override_is_never_executed_by_dvc(repo_copy, tmp
     assert proc.returncode != 0
     assert "fitscope: error: cannot parse override 'study=$(touch" in proc.stdout + proc.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("value", ["plain-key", "it's", 'say "hi"', "a'b or 1=1"])
+def test_tag_values_in_mlflow_filters_match_exactly(value, mlflow_uri):
+    """A quote in a value never breaks (or widens) an MLflow search."""
+    from fitscope import tracking
+
+    client = tracking.get_client(mlflow_uri)
+    exp_id = tracking.ensure_experiment(client, "t_filter")
+    wanted = client.create_run(exp_id, tags={"fitscope.parent_key": value}).info.run_id
+    client.create_run(exp_id, tags={"fitscope.parent_key": "other"})
+    found = client.search_runs([exp_id], tracking.tag_equals("fitscope.parent_key", value))
+    assert [r.info.run_id for r in found] == [wanted]
+
+
+@pytest.mark.parametrize("value", ["a'b\"c", "back\\slash", "tick`"])
+def test_tag_values_that_cannot_be_quoted_are_refused(value):
+    from fitscope import tracking
+    from fitscope.errors import FitscopeError
+
+    with pytest.raises(FitscopeError, match="cannot search MLflow for the tag value"):
+        tracking.tag_equals("fitscope.parent_key", value)

@@ -202,6 +202,22 @@ def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
         return "unknown", False
 
 
+def tag_equals(key: str, value: str) -> str:
+    """An MLflow filter clause ``tags.`key` = '<value>'`` with ``value`` safely quoted.
+
+    MLflow's filter parser takes a string in single or double quotes and has no escape
+    for a quote inside it, so a value is quoted with a kind it does not contain; one
+    holding both kinds, a backslash or a backquote cannot be expressed and is refused.
+    """
+    if "`" in key or any(c in value for c in "\\`") or ("'" in value and '"' in value):
+        raise FitscopeError(
+            f"cannot search MLflow for the tag value {value!r}. Fix: use a name without "
+            "quotes, backslashes or backquotes"
+        )
+    quote = '"' if "'" in value else "'"
+    return f"tags.`{key}` = {quote}{value}{quote}"
+
+
 def commit_parent_key(key: str, commit: str) -> str:
     """An explicit parent key scoped to a git commit: one parent per key and commit."""
     return f"{key}@{commit[:12]}"
@@ -389,7 +405,7 @@ def find_or_create_parent(
     with _store_lock(client.tracking_uri):
         runs = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{TAG}parent_key` = '{key}'",
+            filter_string=tag_equals(f"{TAG}parent_key", key),
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -451,7 +467,7 @@ def close_parent(
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+        filter_string=tag_equals(PARENT_TAG, parent_id),
         max_results=5000,
     )
     if objective is None:
@@ -516,7 +532,7 @@ class Claim:
 def _blocker(client, experiment_id: str, chash: str, force: bool, mine=None) -> Claim | None:
     """What keeps this process from training ``chash`` (None: nothing, or ``mine`` wins)."""
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{chash}'", max_results=1000
+        [experiment_id], filter_string=tag_equals(CONFIG_HASH_TAG, chash), max_results=1000
     )
     if not force:
         finished = [r for r in runs if r.info.status == "FINISHED"]

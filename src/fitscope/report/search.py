@@ -17,7 +17,7 @@ from pathlib import Path
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, write_csv
 from fitscope.report.plotting import pyplot, save_png
-from fitscope.tracking import PARENT_TAG, TAG, get_client
+from fitscope.tracking import PARENT_TAG, TAG, get_client, tag_equals
 
 PAIRS = {"mnist_search_random": "mnist_search_tpe", "mnist_search_tpe": "mnist_search_random"}
 OBJECTIVE = "best/val/acc"
@@ -47,7 +47,7 @@ def find_parent(client, name_or_id: str):
         )
     parents = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{TAG}role` = 'parent'",
+        filter_string=tag_equals(f"{TAG}role", "parent"),
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -63,7 +63,7 @@ def load_trials(client, parent) -> list[Trial]:
     """Every child run of the search, in trial order."""
     runs = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+        filter_string=tag_equals(PARENT_TAG, parent.info.run_id),
         order_by=["attributes.start_time ASC"],
         max_results=5000,
     )
