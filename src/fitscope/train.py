@@ -383,6 +383,9 @@ def _fit(
     if restore is not None and restore.best_epoch is not None:
         selected = restore.best_epoch
     row = next(r for r in history.rows if r["epoch"] == selected)
+    # A selected epoch without a finite objective (validation diverged) is a failed run:
+    # refused before any output is written, so no model.pt or metrics.json claims success.
+    value = _finite(row[cfg.objective], cfg.objective)
     stopped = history.rows[-1]["epoch"]
     summary = {
         "best_epoch": selected,
@@ -432,7 +435,7 @@ def _fit(
         stopped,
         wall,
     )
-    return _finite(row[cfg.objective], cfg.objective)
+    return value
 
 
 def _finite(value: float | None, name: str) -> float:
