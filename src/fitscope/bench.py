@@ -102,6 +102,20 @@ def iterate_only(dm: ArrayDataModule, epochs: int) -> float:
     return time.perf_counter() - start
 
 
+def bench_module(
+    width: int, depth: int, steps_per_epoch: int, module_cls: type[FitModule] = FitModule
+) -> FitModule:
+    """The FitModule training uses, on a binary HIGGS-shaped MLP (Adam, inverse-time decay)."""
+    return module_cls(
+        build_mlp(28, 1, width=width, depth=depth),
+        task="binary",
+        num_classes=2,
+        optimizer=OPT,
+        scheduler=SCHED,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
 def lightning_loop(
     dm: ArrayDataModule, epochs: int, seed: int = 0, module_cls: type[FitModule] = FitModule
 ) -> float:
@@ -109,14 +123,7 @@ def lightning_loop(
     from pytorch_lightning.callbacks import EarlyStopping
 
     torch.manual_seed(seed)
-    module = module_cls(
-        build_mlp(28, 1, width=16, depth=1),
-        task="binary",
-        num_classes=2,
-        optimizer=OPT,
-        scheduler=SCHED,
-        steps_per_epoch=len(dm.train_dataloader()),
-    )
+    module = bench_module(16, 1, len(dm.train_dataloader()), module_cls)
     callbacks = [
         EpochHistory(),
         RestoreBestWeights(),
@@ -162,14 +169,7 @@ def checkpoint_save_seconds(dm: ArrayDataModule, tmp: Path, saves: int = 5) -> f
     """Median seconds of one resume checkpoint of the large 512x4 model (train.py's Trainer)."""
     from fitscope.training import PeriodicCheckpoint
 
-    module = FitModule(
-        build_mlp(28, 1, width=512, depth=4),
-        task="binary",
-        num_classes=2,
-        optimizer=OPT,
-        scheduler=SCHED,
-        steps_per_epoch=len(dm.train_dataloader()),
-    )
+    module = bench_module(512, 4, len(dm.train_dataloader()))
     callbacks = [EpochHistory(), RestoreBestWeights(), PeriodicCheckpoint(tmp / "c.ckpt")]
     trainer = build_trainer(callbacks, max_epochs=2)
     trainer.fit(module, datamodule=dm)
@@ -215,14 +215,7 @@ def gpu_throughput(rows: int, batch_size: int, precision: str, epochs: int = 2) 
 
     torch.manual_seed(0)
     steps = -(-(rows - n_val) // batch_size)
-    module = FitModule(
-        build_mlp(28, 1, width=512, depth=4),
-        task="binary",
-        num_classes=2,
-        optimizer=OPT,
-        scheduler=SCHED,
-        steps_per_epoch=steps,
-    )
+    module = bench_module(512, 4, steps)
     timer = EpochTimes()
     trainer = build_trainer(
         [timer, EpochHistory()],
