@@ -74,6 +74,11 @@ def _edge_values(override: Override) -> list[str]:
     return [override.get_value_element_as_str()]
 
 
+def is_search(config: DictConfig) -> bool:
+    """True for hyperparameter searches (Optuna sweeper), where trials are drawn later."""
+    return "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
+
+
 def job_overrides(config: DictConfig) -> list[list[str]]:
     """The override list of every job a multirun will launch (or, for a search, its edges).
 
@@ -87,7 +92,7 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     params = config.hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=False) if params else {}
     in_config = [f"{k}={v}" for k, v in params.items()]
-    if "optuna" not in str(config.hydra.sweeper.get("_target_", "")).lower():
+    if not is_search(config):
         jobs = BasicSweeper.split_arguments(_parse(in_config + arguments), None)
         return [job for batch in jobs for job in batch]
     fixed = [o.input_line for o in _parse(arguments) if not o.is_sweep_override()]

@@ -620,13 +620,14 @@ def take_over(client, claim: RunTracker, run_id: str, chash: str, monitor: str):
         return None
     if old.info.status != "KILLED" or old.data.tags.get(CONFIG_HASH_TAG) != chash:
         return None
-    client.update_run(run_id, status="RUNNING")
+    # Owner tags and heartbeat first: a reconcile elsewhere that sees it RUNNING sees us.
     resumed = f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} (claim {claim.run_id})"
     tags = [RunTag(k, v) for k, v in owner_tags().items()]
     client.log_batch(run_id, tags=[*tags, RunTag(f"{TAG}resumed", resumed)])
     if FAILURE_TAG in old.data.tags:
         client.delete_tag(run_id, FAILURE_TAG)
     heartbeats.add(client, run_id)
+    client.update_run(run_id, status="RUNNING")
     heartbeats.discard(claim.run_id)
     client.set_terminated(claim.run_id, status="KILLED")
     client.delete_run(claim.run_id)  # the claim was only a placeholder: no stray run stays

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from fitscope import schema
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, check_writable_dir, write_json
-from fitscope.sweeps import callback_errors_exit, validate_jobs, validate_run
+from fitscope.sweeps import callback_errors_exit, is_search, validate_jobs, validate_run
 
 log = logging.getLogger("fitscope.train")
 
@@ -103,8 +103,11 @@ def train(cfg: DictConfig) -> float:
     logging.getLogger("pytorch_lightning.trainer.connectors.signal_connector").setLevel(
         logging.WARNING
     )
+    chash = tracking.config_hash(_run_config(cfg))
+    ckpt_dir = _checkpoint_dir(cfg, chash)
     opened = _Opened()
     outcome = "failed"
+    fitting = False  # set once training starts: only then can a failure spoil the checkpoint
     try:
         with guard:
             dm = ArrayDataModule(
@@ -116,15 +119,17 @@ def train(cfg: DictConfig) -> float:
                 seed=cfg.seed,
             )
             dm.setup()  # refuses a missing split with a one-line error
-            ckpt_dir = _checkpoint_dir(cfg)
-            if cfg.force:  # a forced re-run starts from scratch
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
             if cfg.logger.name == "mlflow":
                 skipped = _claim(cfg, dm, guard, opened)
                 if skipped is not None:
                     outcome = "ok"
                     return skipped
-            resume = _resume_point(cfg, ckpt_dir, opened)
+            # This process holds the config now: its checkpoint is ours to use or drop.
+            if cfg.force:  # a forced re-run starts from scratch
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            with guard.shield():  # a signal waits until the run to continue is settled
+                resume = _resume_point(cfg, chash, ckpt_dir, opened)
+            fitting = True
             value = _fit(cfg, dm, run_dir, opened.tracker, [watch], ckpt_dir=ckpt_dir, **resume)
             if not cfg.callbacks.checkpoint.keep:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -144,10 +149,8 @@ def train(cfg: DictConfig) -> float:
         if tracker is not None:
             interrupted = isinstance(exc, KeyboardInterrupt)
             tracker.fail(f"{type(exc).__name__}: {exc}", "KILLED" if interrupted else "FAILED")
-        if not isinstance(
-            exc, KeyboardInterrupt
-        ):  # a failed run is not resumed: it would fail again
-            shutil.rmtree(_checkpoint_dir(cfg), ignore_errors=True)
+        if fitting and not isinstance(exc, KeyboardInterrupt):
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # a failed run would fail again
         raise
     finally:
         if opened.own_parent is not None:  # a parent this run opened (tracking.parent_key)
@@ -161,18 +164,15 @@ def train(cfg: DictConfig) -> float:
                 )
 
 
-def _checkpoint_dir(cfg: DictConfig) -> Path:
+def _checkpoint_dir(cfg: DictConfig, chash: str) -> Path:
     """Where this config's resume checkpoint lives: ``<dir>/<study>/<config hash>/``."""
-    from fitscope import tracking
-
-    chash = tracking.config_hash(_run_config(cfg))
     return Path(cfg.callbacks.checkpoint.dir) / cfg.study / chash
 
 
 RESUME_RUN_FILE = "mlflow_run.json"  # beside last.ckpt: the MLflow run the checkpoint belongs to
 
 
-def _resume_point(cfg: DictConfig, ckpt_dir: Path, opened: _Opened) -> dict[str, Any]:
+def _resume_point(cfg: DictConfig, chash: str, ckpt_dir: Path, opened: _Opened) -> dict[str, Any]:
     """How ``_fit`` starts: from ``last.ckpt`` of an interrupted run of this config, if any.
 
     With MLflow, the interrupted (KILLED) run is continued: it replaces the new claim run,
@@ -189,11 +189,7 @@ def _resume_point(cfg: DictConfig, ckpt_dir: Path, opened: _Opened) -> dict[str,
     if opened.tracker is not None:
         previous = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
         taken = previous and tracking.take_over(
-            opened.client,
-            opened.tracker,
-            previous,
-            tracking.config_hash(_run_config(cfg)),
-            "val/loss",
+            opened.client, opened.tracker, previous, chash, "val/loss"
         )
         if not taken:  # that run is gone or did not end KILLED: start afresh
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -507,7 +503,7 @@ class MlflowSweepCallback(Callback):
                 parent,
                 config.objective,
                 interrupted=signum is not None,
-                tolerate_failures=_is_search(config),
+                tolerate_failures=is_search(config),
             )
         if signum is not None:
             # Ctrl-C / SIGTERM reached the jobs in the workers; each ended its run KILLED
@@ -522,7 +518,7 @@ class MlflowSweepCallback(Callback):
                 signum,
                 f"interrupted ({lifecycle.signal_name(signum)}){detail}; {lifecycle.RESUME_HINT}",
             )
-        if _is_search(config):
+        if is_search(config):
             # A search tolerates failed trials; it fails only when no trial finished.
             if parent and best is None:
                 raise SystemExit(
@@ -540,11 +536,6 @@ class MlflowSweepCallback(Callback):
 
 
 FAILED_JOBS = "failed_jobs.tsv"
-
-
-def _is_search(config: DictConfig) -> bool:
-    """True for hyperparameter searches (Optuna sweeper), where trials may fail."""
-    return "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
 
 
 def worst_value(objective: str) -> float:
@@ -579,8 +570,9 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def _record_failed_job(cfg: DictConfig, reason: str) -> None:
     hc = HydraConfig.get()
+    one_line = " ".join(reason.split())  # a tab or newline would break the TSV's rows
     with open(Path(hc.sweep.dir) / FAILED_JOBS, "a") as fh:
-        fh.write(f"{hc.job.num}\t{cfg.variant}\t{reason}\n")
+        fh.write(f"{hc.job.num}\t{cfg.variant}\t{one_line}\n")
 
 
 def main() -> None:

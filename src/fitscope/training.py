@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import (
 )
 
 from fitscope.errors import FitscopeError
-from fitscope.fileio import write_csv
+from fitscope.fileio import atomic_path, write_csv
 from fitscope.models import l2_penalty
 
 
@@ -343,8 +343,7 @@ class PeriodicCheckpoint(Checkpoint):
     Every ``every_epochs`` epochs when set, else once ``every_s`` seconds have passed
     since the last save. As a ``Checkpoint`` callback Lightning runs it after every other
     callback's epoch end (early stopping included), as its own ModelCheckpoint, so the
-    saved state is the whole epoch's. ``trainer.save_checkpoint`` writes atomically (a
-    temporary file renamed into place): a kill during a save leaves the previous one intact.
+    saved state is the whole epoch's. A kill during a save leaves the previous one intact.
     """
 
     def __init__(self, path, *, every_s: float | None = 30.0, every_epochs: int | None = None):
@@ -360,7 +359,10 @@ class PeriodicCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._due(trainer.current_epoch):
             return
-        trainer.save_checkpoint(self.path)
+        # Lightning's own "atomic" save moves a file from $TMPDIR, which is a copy when that
+        # is another filesystem: a temporary file beside the target, renamed, is atomic.
+        with atomic_path(self.path) as tmp:
+            trainer.save_checkpoint(tmp)
         self.last_save = time.monotonic()
         self.saved += 1
 
