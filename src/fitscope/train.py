@@ -142,7 +142,11 @@ def train(cfg: DictConfig) -> float:
             outcome = "interrupted"
             where = "before training" if watch.epoch is None else f"at epoch {watch.epoch}"
             if tracker is not None:
-                tracker.fail(f"interrupted ({lifecycle.signal_name(signum)}) {where}", "KILLED")
+                # A store too busy to take the status now (SQLite locked by a process that
+                # was killed mid-write) must not turn the interrupt into a traceback: the
+                # run then stays RUNNING with a dead owner, and the next command reconciles it.
+                with _warn_on_error("could not mark the run KILLED yet"):
+                    tracker.fail(f"interrupted ({lifecycle.signal_name(signum)}) {where}", "KILLED")
             raise lifecycle.Interrupted(
                 signum, f"interrupted {where}; {lifecycle.RESUME_HINT}"
             ) from None
