@@ -44,11 +44,12 @@ study: install
 	$(DVC) repro
 	@echo "study done: reports/study.md"
 
+# Two pytest workers: most tests wait on subprocesses, so both cores stay busy.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow"
 
 bench: install
 	$(BIN)/python -m fitscope.bench
