@@ -44,12 +44,13 @@ study: install
 	$(DVC) repro
 	@echo "study done: reports/study.md"
 
-# Two pytest workers: most tests wait on subprocesses, so both cores stay busy.
+# Two pytest workers, one test file each at a time (module fixtures are built once); the
+# slow files first (tests/conftest.py), so the two long ones do not end up last in one queue.
 test: install
-	$(BIN)/python -m pytest -n 2 --dist worksteal
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: install
-	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 bench: install
 	$(BIN)/python -m fitscope.bench

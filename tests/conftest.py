@@ -319,3 +319,9 @@ def flip_silently(body: bytes, n_lines: int) -> bytes:
         if got[:n_lines] != want:
             return bytes(bad)
     raise AssertionError("no silent bit flip found")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow end-to-end tests first: `make test`'s two workers (one file at a time) start
+    on the long files together and the quick ones fill the gaps."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
