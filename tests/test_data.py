@@ -686,14 +686,15 @@ def test_old_or_missing_manifest_is_refused(split_copy):
 def test_datamodule_and_evaluate_loader_verify_too(split_copy):
     import torch
 
-    from fitscope.datamodules import ArrayDataModule, split_tensors
+    from fitscope.datamodules import ArrayDataModule
+    from fitscope.scoring import split_tensors
 
     d = split_copy("higgs")
     TAMPERED["NaN"][2](d)
     with pytest.raises(FitscopeError, match=r"train_x\.npy holds non-finite features"):
         ArrayDataModule(d, task="binary", batch_size=100).setup()
     with pytest.raises(FitscopeError, match=r"train_x\.npy holds non-finite features"):
-        split_tensors(d, "train", "binary", train_size=10)  # what the evaluate stage loads
+        split_tensors(d, "train", "binary", train_size=10)  # what test scoring loads
     x, y = split_tensors(d, "test", "binary")  # untouched splits still load
     assert x.shape == (1000, 28) and y.dtype == torch.float32
 

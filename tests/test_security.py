@@ -41,9 +41,11 @@ def test_a_crafted_model_file_runs_nothing_and_is_refused(tmp_path):
     assert marker.exists()
     marker.unlink()
 
+    # The evaluate stage reads the test metrics the training job wrote (plain JSON); it
+    # never unpickles a model file, so the payload cannot run.
     proc = fitscope(["evaluate", "evil"], tmp_path)
     line = last_error_line(proc, 2)
-    assert line.startswith("fitscope: error: refusing to load runs/evil/0/model.pt: not a fitscope")
+    assert line.startswith("fitscope: error: runs/evil/0/metrics.json has no test metrics")
     assert "Fix: retrain it" in line
     assert not marker.exists()
     assert not (tmp_path / "metrics").exists()

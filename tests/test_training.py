@@ -14,13 +14,8 @@ from torchmetrics.classification import BinaryAUROC
 
 from fitscope.datamodules import ArrayDataModule, TensorBatches, shift_images
 from fitscope.models import build_mlp
-from fitscope.training import (
-    EpochHistory,
-    FitModule,
-    RestoreBestWeights,
-    build_trainer,
-    classification_metrics,
-)
+from fitscope.scoring import classification_metrics, per_class_accuracy
+from fitscope.training import EpochHistory, FitModule, RestoreBestWeights, build_trainer
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
@@ -125,6 +120,35 @@ def test_metrics_use_probabilities_not_logits():
     )
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], targets)
     assert m["loss"] == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_only_metrics_equal_torchmetrics(seed):
+    # scoring.py computes accuracy and exact AUROC without torchmetrics (whose import costs
+    # seconds); on random data with many tied scores they must agree with torchmetrics.
+    from torchmetrics.functional.classification import (
+        binary_accuracy,
+        binary_auroc,
+        multiclass_accuracy,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-3, 4, (500, 1), generator=g).float() / 2  # ties, and logit 0
+    targets = torch.randint(0, 2, (500,), generator=g).float()
+    m = classification_metrics("binary", logits, targets, 2)
+    probs = torch.sigmoid(logits[:, 0])
+    assert m["acc"] == pytest.approx(binary_accuracy(probs, targets.long()).item(), abs=1e-7)
+    auroc = binary_auroc(probs, targets.long(), thresholds=None).item()
+    assert m["auroc"] == pytest.approx(auroc, abs=1e-6) and 0.3 < auroc < 0.7
+    logits10 = torch.randn(400, 10, generator=g)
+    labels = torch.randint(0, 10, (400,), generator=g)
+    m10 = classification_metrics("multiclass", logits10, labels, 10)
+    probs10 = logits10.softmax(-1)
+    ref = multiclass_accuracy(probs10, labels, num_classes=10, average="micro").item()
+    assert m10["acc"] == pytest.approx(ref, abs=1e-7)
+    per_class = multiclass_accuracy(probs10, labels, num_classes=10, average=None)
+    got = per_class_accuracy(logits10, labels, 10)
+    assert [got[f"acc_class_{k}"] for k in range(10)] == pytest.approx(per_class.tolist())
 
 
 def test_tensor_batches_cover_every_row_once_per_epoch():

@@ -23,14 +23,8 @@ from torch import nn
 from fitscope import data
 from fitscope.datamodules import ArrayDataModule, TensorBatches
 from fitscope.models import FastDropout, build_mlp
-from fitscope.training import (
-    EpochHistory,
-    FitModule,
-    RestoreBestWeights,
-    build_trainer,
-    classification_metrics,
-    data_loss,
-)
+from fitscope.scoring import classification_metrics, data_loss
+from fitscope.training import EpochHistory, FitModule, RestoreBestWeights, build_trainer
 
 OPT = {"name": "adam", "lr": 1e-3, "eps": 1e-7}
 SCHED = {"name": "inverse_time", "decay_epochs": 1000}

@@ -14,9 +14,7 @@ from typing import Any
 
 import yaml
 
-from fitscope import data
 from fitscope.config import check_name, from_mapping
-from fitscope.download import RetryPolicy
 from fitscope.errors import FitscopeError
 
 log = logging.getLogger("fitscope")
@@ -36,11 +34,19 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return params
 
 
-def _retry_policy(params: dict[str, Any]) -> RetryPolicy:
+# Each command imports what it needs when it runs (data and downloads: pyarrow, requests;
+# train: Lightning; report: matplotlib), so no command pays for another's imports.
+
+
+def _retry_policy(params: dict[str, Any]):
+    from fitscope.download import RetryPolicy
+
     return from_mapping(RetryPolicy, "download", params.get("download"))
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
+    from fitscope import data
+
     params = load_params(args.params)
     out = Path(args.out or f"data/raw/{args.dataset}")
     if args.dataset == "higgs":
@@ -57,6 +63,8 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_split(args: argparse.Namespace) -> None:
+    from fitscope import data
+
     params = load_params(args.params)
     raw = Path(args.raw or f"data/raw/{args.dataset}")
     out = Path(args.out or f"data/processed/{args.dataset}")
@@ -69,6 +77,8 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 
 def cmd_mirror(args: argparse.Namespace) -> None:
+    from fitscope import data
+
     params = load_params(args.params)
     targets = data.mirror_targets(params.get("data"), tuple(args.datasets), args.dir)
     written: list[Path] = []
@@ -163,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     mirror.add_argument(
         "--checksums-only",
         action="store_true",
-        help=f"only (re)write {data.CHECKSUMS_FILE} for the files already in the mirror",
+        help="only (re)write checksums.json for the files already in the mirror",
     )
     mirror.set_defaults(func=cmd_mirror)
 

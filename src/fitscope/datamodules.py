@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from fitscope.data import load_split, read_manifest
+from fitscope.data import read_manifest
 from fitscope.errors import FitscopeError
 from fitscope.fileio import sha256_file
+from fitscope.scoring import split_tensors
 
 
 class TensorBatches:
@@ -62,35 +62,6 @@ def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     cols = (dx[:, None] + torch.arange(28)[None, :])[:, None, :]  # (n, 1, 28)
     shifted = pad[torch.arange(n)[:, None, None], rows, cols]
     return shifted.reshape(n, -1)
-
-
-def split_tensors(
-    data_dir: str | Path, split: str, task: str, train_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split as float32 features and float (binary) or long (multiclass) targets.
-
-    The arrays are verified against the split's manifest first (``data.load_split``).
-    ``train_size`` keeps the first rows of the training split (other splits are whole).
-    """
-    x, y = load_split(data_dir, split)
-    manifest = read_manifest(data_dir)
-    if task == "binary" and manifest["num_classes"] != 2:
-        # BCE would silently take labels 2..9 as targets.
-        raise FitscopeError(
-            f"data.task=binary needs labels 0/1, but {data_dir} holds {manifest['dataset']} "
-            f"({manifest['num_classes']} classes). Fix: use the data config of that dataset "
-            f"(data={manifest['dataset']}) or point data.dir at a binary split"
-        )
-    if split == "train" and train_size is not None:
-        if train_size > len(y):
-            raise FitscopeError(
-                f"data.train_size={train_size} but the training split has "
-                f"{len(y)} rows. Fix: lower data.train_size or enlarge the split"
-            )
-        x, y = x[:train_size], y[:train_size]
-    targets = torch.from_numpy(np.array(y))
-    targets = targets.float() if task == "binary" else targets.long()
-    return torch.from_numpy(np.array(x, dtype=np.float32)), targets
 
 
 class ArrayDataModule(pl.LightningDataModule):

@@ -298,6 +298,7 @@ def _fit(
     from pytorch_lightning.callbacks import EarlyStopping
 
     from fitscope.models import ProbabilityModel, build_mlp_from_config, count_parameters
+    from fitscope.scoring import test_scores
     from fitscope.training import (
         EpochHistory,
         FitModule,
@@ -387,6 +388,10 @@ def _fit(
     # refused before any output is written, so no model.pt or metrics.json claims success.
     value = _finite(row[cfg.objective], cfg.objective)
     stopped = history.rows[-1]["epoch"]
+    model_cpu = mlp.to("cpu").eval()
+    # The test split is scored here, by the process that trained, rather than by a stage
+    # that would start Python and torch again only to reload the model (docs/pipeline.md).
+    scores = test_scores(model_cpu, cfg.data.task, cfg.data.num_classes, dm.tensors)
     summary = {
         "best_epoch": selected,
         "stopped_epoch": stopped,
@@ -396,10 +401,13 @@ def _fit(
         "params": count_parameters(mlp),
         **{f"best/{k}": v for k, v in row.items() if k != "epoch"},
         "best/gap_loss": row["val/loss"] - row["train/loss"],
+        **{
+            k.replace("train_eval_", "train_eval/") if k.startswith("train_") else f"test/{k}": v
+            for k, v in scores.items()
+        },
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     history.write_csv(run_dir / "history.csv")
-    model_cpu = mlp.to("cpu").eval()
     if cfg.callbacks.checkpoint.save_best:
         with atomic_path(run_dir / "model.pt") as tmp:
             torch.save(

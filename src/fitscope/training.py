@@ -10,50 +10,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.callbacks import Checkpoint
 from torch import nn
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    multiclass_accuracy,
-)
 
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, write_csv
 from fitscope.models import l2_penalty
-
-
-def data_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean BCE-with-logits (binary) or cross-entropy (multiclass), without any penalty."""
-    if task == "binary":
-        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), targets)
-    return F.cross_entropy(logits, targets)
-
-
-@torch.no_grad()
-def classification_metrics(
-    task: str, logits: torch.Tensor, targets: torch.Tensor, num_classes: int
-) -> dict[str, float]:
-    """Loss, accuracy (and AUROC for binary) with torchmetrics, on probabilities.
-
-    Binary accuracy thresholds the probability at 0.5 (Keras' ``accuracy`` on a
-    logit output thresholds the logit instead, a known quirk not reproduced).
-    """
-    loss = data_loss(task, logits, targets).item()
-    if task == "binary":
-        probs = torch.sigmoid(logits.squeeze(-1))
-        target = targets.long()
-        return {
-            "loss": loss,
-            "acc": binary_accuracy(probs, target).item(),
-            "auroc": binary_auroc(probs, target, thresholds=None).item(),
-        }
-    probs = torch.softmax(logits, dim=-1)
-    return {
-        "loss": loss,
-        "acc": multiclass_accuracy(probs, targets, num_classes=num_classes, average="micro").item(),
-    }
+from fitscope.scoring import classification_metrics, data_loss
 
 
 class NonFiniteLossError(FitscopeError):
