@@ -33,16 +33,16 @@ demo: install
 	$(DEMO_GIT_ID) $(DVC) exp run -S study.profile=quick
 	@echo
 	@echo "fitscope demo done (quick profile: shortened runs, labelled as such in the report)"
-	@echo "  report:     reports/study.md   (self-contained: reports/study.html)"
-	@echo "  DVC:        .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc exp show"
-	@echo "  MLflow UI:  .venv/bin/mlflow ui   then open http://127.0.0.1:5000"
-	@echo "  classic:    git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
+	@$(BIN)/fitscope summary
+	@echo "DVC:     .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc exp show"
+	@echo "classic: git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
 
 # The classic study: `dvc repro`, one stage at a time (DVC runs one stage at a time in a
 # workspace; side-by-side experiments go through `dvc exp run --queue`, docs/pipeline.md).
 study: install
 	$(DVC) repro
-	@echo "study done: reports/study.md"
+	@echo
+	@$(BIN)/fitscope summary
 
 # Two pytest workers, one test file each at a time (module fixtures are built once); the
 # slow files first (tests/conftest.py), so the two long ones do not end up last in one queue.

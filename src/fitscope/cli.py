@@ -122,9 +122,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from fitscope.report import write_study_report
+    from fitscope.report.summary import print_summary
 
-    path = write_study_report(load_params(args.params), args.runs, args.metrics, args.out)
+    params = load_params(args.params)
+    path = write_study_report(params, args.runs, args.metrics, args.out)
     print(f"report written to {path} (and {path.with_suffix('.html')})")
+    print_summary(params, args.runs, args.metrics, args.out)
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from fitscope.report.summary import print_summary
+
+    print_summary(load_params(args.params), args.runs, args.metrics, args.out)
 
 
 def cmd_runs_reconcile(args: argparse.Namespace) -> None:
@@ -198,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metrics", default="metrics")
     report.add_argument("--out", default="reports")
     report.set_defaults(func=cmd_report)
+
+    summary = sub.add_parser(
+        "summary", help="print the comparison table, the champions and where the report is"
+    )
+    summary.add_argument("--runs", default="runs")
+    summary.add_argument("--metrics", default="metrics")
+    summary.add_argument("--out", default="reports")
+    summary.set_defaults(func=cmd_summary)
 
     runs = sub.add_parser("runs", help="MLflow run housekeeping")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)

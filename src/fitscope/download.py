@@ -30,6 +30,7 @@ from isal import isal_zlib
 
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, write_gzip
+from fitscope.progress import ByteProgress
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +183,18 @@ def _download_http(url: str, part: Path, policy: RetryPolicy) -> None:
             mode = "ab" if resp.status_code == 206 else "wb"  # 200: server ignored Range
             if mode == "ab":
                 log.info("%s: resuming at byte %d", url, have)
-            with open(part, mode) as fh:
+            start = have if mode == "ab" else 0
+            length = resp.headers.get("Content-Length")
+            total = start + int(length) if length and length.isdigit() else None
+            with (
+                open(part, mode) as fh,
+                ByteProgress(
+                    total, f"download {PurePosixPath(urlparse(url).path).name}", initial=start
+                ) as shown,
+            ):
                 for block in _body(resp, policy):
                     fh.write(block)
+                    shown.update(len(block))
 
     _with_retries(url, policy, attempt)
 

@@ -223,6 +223,9 @@ class TrainConfig(Section):
     variant: str = safe_name()
     objective: str = one_of(*OBJECTIVES)
     force: bool = False
+    # How a run shows its progress (fitscope.progress); neither changes what is trained.
+    progress: bool = True
+    progress_every_s: float = ranged(low=0.0)
     paths: PathsConfig = MISSING
     tracking: TrackingConfig = MISSING
     data: DataConfig = MISSING

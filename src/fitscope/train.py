@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from fitscope import schema
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, check_writable_dir, write_json
+from fitscope.progress import JOBS_DONE_FILE, LineProgress, job_done
 from fitscope.sweeps import callback_errors_exit, is_search, validate_jobs, validate_run
 
 log = logging.getLogger("fitscope.train")
@@ -75,7 +76,7 @@ def _job_info() -> dict[str, str]:
 def _run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without run-specific keys (what the config hash covers)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "force", "tracking"):
+    for key in ("paths", "force", "tracking", "progress", "progress_every_s"):
         resolved.pop(key, None)
     # Where and how often checkpoints are written does not change what is trained.
     resolved.get("callbacks", {}).pop("checkpoint", None)
@@ -297,10 +298,12 @@ def _fit(
     import torch
     from pytorch_lightning.callbacks import EarlyStopping
 
+    from fitscope import lifecycle
     from fitscope.models import ProbabilityModel, build_mlp_from_config, count_parameters
     from fitscope.scoring import test_scores
     from fitscope.training import (
         EpochHistory,
+        EpochProgress,
         FitModule,
         MlflowEpochLogger,
         PeriodicCheckpoint,
@@ -344,6 +347,23 @@ def _fit(
             check_finite=False,
         )
         callbacks.append(early)
+    if cfg.progress:
+        # After restore and early: it reads the best epoch and patience they just updated.
+        # A sweep's worker processes share one terminal: they write plain lines.
+        line = LineProgress(
+            f"{cfg.variant} seed {cfg.seed}",
+            every_s=cfg.progress_every_s,
+            live=False if lifecycle.in_worker() else None,
+        )
+        callbacks.append(
+            EpochProgress(
+                line,
+                max_epochs=cfg.trainer.max_epochs,
+                monitor=es_cfg.monitor,
+                restore=restore,
+                early=early,
+            )
+        )
     if tracker is not None:
         callbacks.append(
             MlflowEpochLogger(
@@ -468,6 +488,11 @@ class MlflowSweepCallback(Callback):
         jobs = validate_jobs(config, validate)
         log.info("sweep of %d job(s) validated; outputs in %s", jobs, config.hydra.sweep.dir)
         (Path(config.hydra.sweep.dir) / FAILED_JOBS).unlink(missing_ok=True)
+        (Path(config.hydra.sweep.dir) / JOBS_DONE_FILE).unlink(missing_ok=True)
+        # A search's jobs are drawn as it goes: its count is the trial budget. Workers
+        # (started after this hook) inherit the variable.
+        total = config.hydra.sweeper.n_trials if is_search(config) else jobs
+        os.environ[SWEEP_JOBS_ENV] = str(total)
         if config.logger.name != "mlflow":
             return
         from fitscope import tracking
@@ -500,6 +525,12 @@ class MlflowSweepCallback(Callback):
         # Jobs (also joblib/loky workers, started after this hook) inherit the variable.
         os.environ[tracking.PARENT_ENV] = parent
         log.info("MLflow parent run %s in experiment %r", parent, config.study)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        # Runs in the job's own process (also a joblib worker): "<done>/<total> jobs done".
+        total = os.environ.get(SWEEP_JOBS_ENV)
+        if total and config.get("progress") and config.hydra.mode == RunMode.MULTIRUN:
+            job_done(config.hydra.sweep.dir, int(total))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from fitscope import lifecycle, tracking
@@ -548,6 +579,7 @@ class MlflowSweepCallback(Callback):
 
 
 FAILED_JOBS = "failed_jobs.tsv"
+SWEEP_JOBS_ENV = "FITSCOPE_SWEEP_JOBS"  # a sweep's job count, for the "jobs done" lines
 
 
 def worst_value(objective: str) -> float:

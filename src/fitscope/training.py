@@ -16,6 +16,7 @@ from torch import nn
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, write_csv
 from fitscope.models import l2_penalty
+from fitscope.progress import LineProgress, duration
 from fitscope.scoring import classification_metrics, data_loss
 
 
@@ -347,3 +348,63 @@ class InterruptWatch(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check()
+
+
+class EpochProgress(pl.Callback):
+    """The progress line of a run (``progress.LineProgress``), updated once per epoch.
+
+    Per epoch, not per step: Lightning's own per-step bar costs more than a tiny model's
+    step. Reads the best epoch and the patience left from the callbacks that own them, so
+    it must come after them in the callback list.
+    """
+
+    def __init__(
+        self,
+        line: LineProgress,
+        *,
+        max_epochs: int,
+        monitor: str,
+        restore: RestoreBestWeights | None = None,
+        early: Any = None,  # pytorch_lightning EarlyStopping, or None
+    ) -> None:
+        self.line, self.max_epochs, self.monitor = line, max_epochs, monitor
+        self.restore, self.early = restore, early
+        self.started: float | None = None
+        self.first_epoch = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.monotonic()
+        self.first_epoch = trainer.current_epoch  # > 0 when resumed
+
+    def text(self, trainer: pl.Trainer, pl_module: FitModule) -> str:
+        epoch = pl_module.epoch_metrics.get("epoch", trainer.current_epoch)
+        done = int(epoch) + 1
+        rate = (done - self.first_epoch) / max(time.monotonic() - (self.started or 0.0), 1e-9)
+        parts = [f"epoch {done}/{self.max_epochs}"]
+        value = pl_module.epoch_metrics.get(self.monitor)
+        if value is not None:
+            parts.append(f"{self.monitor} {value:.4f}")
+        if self.restore is not None and self.restore.best_score is not None:
+            parts.append(f"best {self.restore.best_score:.4f} @ {self.restore.best_epoch}")
+        left_epochs = self.max_epochs - done
+        if self.early is not None:
+            patience_left = max(self.early.patience - self.early.wait_count, 0)
+            parts.append(f"patience {patience_left}/{self.early.patience}")
+        parts.append(f"{rate:.1f} epochs/s")
+        # An upper bound: early stopping may end the run sooner.
+        parts.append(f"≤ {duration(left_epochs / rate if rate > 0 else -1)} left")
+        return ", ".join(parts)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: FitModule) -> None:
+        if not trainer.sanity_checking and pl_module.epoch_metrics and self.line.due():
+            self.line.show(self.text(trainer, pl_module))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: FitModule) -> None:
+        if self.line.live and pl_module.epoch_metrics:  # leave the final state on screen
+            self.line.show(self.text(trainer, pl_module), force=True)
+        self.line.close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.line.close()  # the error message starts on a line of its own

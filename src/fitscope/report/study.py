@@ -181,16 +181,21 @@ def _write_curves(results: list[VariantResult], out: Path) -> None:
         )
 
 
+def champion(results: list[VariantResult], dataset: str) -> VariantResult:
+    """The dataset's best variant: the lowest mean best validation loss over its seeds."""
+    return min(
+        (r for r in results if r.dataset == dataset), key=lambda r: r.stat("best_val_loss")[0]
+    )
+
+
 def register_champions(results: list[VariantResult]) -> dict[str, str]:
-    """Register each dataset's best variant (lowest mean best-val-loss) as ``@champion``."""
+    """Register each dataset's ``champion`` variant as ``models:/fitscope-<dataset>@champion``."""
     from fitscope.tracking import get_client
 
     champions = {}
     client = None
     for dataset in sorted({r.dataset for r in results}):
-        best = min(
-            (r for r in results if r.dataset == dataset), key=lambda r: r.stat("best_val_loss")[0]
-        )
+        best = champion(results, dataset)
         run = min(best.runs, key=lambda x: x["best_val_loss"])
         model_uri = run.get("mlflow_model_uri")
         if not model_uri:
