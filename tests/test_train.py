@@ -56,6 +56,9 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     assert value == pytest.approx(m["best/val/loss"])
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["mlflow_run_id"] == run.info.run_id
+    # The test split is scored by the training process: in metrics.json and the run.
+    assert summary["test_loss"] == pytest.approx(m["test/loss"]) and 0 < m["test/loss"] < 5
+    assert 0 <= summary["test_auroc"] <= 1 and m["train_eval/loss"] == summary["train_eval_loss"]
     assert summary["best_gap_loss"] == pytest.approx(
         summary["best_val_loss"] - summary["best_train_loss"]
     )

@@ -380,12 +380,13 @@ class EpochProgress(pl.Callback):
         epoch = pl_module.epoch_metrics.get("epoch", trainer.current_epoch)
         done = int(epoch) + 1
         rate = (done - self.first_epoch) / max(time.monotonic() - (self.started or 0.0), 1e-9)
-        parts = [f"epoch {done}/{self.max_epochs}"]
+        parts = [f"epochs {done}/{self.max_epochs} done"]
         value = pl_module.epoch_metrics.get(self.monitor)
         if value is not None:
             parts.append(f"{self.monitor} {value:.4f}")
         if self.restore is not None and self.restore.best_score is not None:
-            parts.append(f"best {self.restore.best_score:.4f} @ {self.restore.best_epoch}")
+            # The epoch index as in the logs and metrics.json (0-based).
+            parts.append(f"best {self.restore.best_score:.4f} at epoch {self.restore.best_epoch}")
         left_epochs = self.max_epochs - done
         if self.early is not None:
             patience_left = max(self.early.patience - self.early.wait_count, 0)
