@@ -5,19 +5,27 @@
    and Lightning's floor: the same Trainer running steps that do no work.
 2. In-memory tensor batches vs a default DataLoader over a TensorDataset.
 3. ``nn.Dropout`` vs the mask-based ``FastDropout`` in the large model.
+4. Start-up vs work of each pipeline command (``startup``), into reports/bench.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from fitscope import data
@@ -248,6 +256,77 @@ def gpu_main(out: Path | None, rows: int) -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
 
 
+# The DVC stages' commands on tiny real data (embedded HIGGS, debug profile), in order.
+STARTUP_COMMANDS = {
+    "fetch": ["fetch", "higgs"],
+    "split": ["split", "higgs"],
+    "train": ["train", "higgs-tiny"],
+    "evaluate": ["evaluate", "higgs-tiny"],
+    "report": ["report"],
+}
+_IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+(\d+) \| (\S.*)$")  # a top-level import
+
+
+def _import_seconds(stderr: str) -> float:
+    """Total import time of a process from its ``-X importtime`` lines (top level only:
+    each one's cumulative time already holds the imports below it)."""
+    return sum(int(m[1]) for m in map(_IMPORT_LINE.match, stderr.splitlines()) if m) / 1e6
+
+
+def startup(out: Path = Path("reports/bench.json")) -> dict[str, dict[str, float]]:
+    """Start-up vs work of each stage's command, run as DVC runs it (a new process).
+
+    Start-up = starting the interpreter (``python -c pass``) + every import the command
+    made, wherever it made it (``-X importtime``); work = the rest of its wall time. The
+    figures go to ``startup_s.<command>`` / ``work_s.<command>`` in ``out`` (merged into
+    what is there).
+    """
+    params = yaml.safe_load((Path.cwd() / "params.yaml").read_text())
+    params["study"] = {"profile": "debug", "seeds": "0"}
+    params["variants"] = {"higgs-tiny": params["variants"]["higgs-tiny"]}
+    begin = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    interpreter = time.perf_counter() - begin
+    figures: dict[str, dict[str, float]] = {"startup_s": {}, "work_s": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
+        shutil.copytree(Path.cwd() / "conf", Path(tmp) / "conf")
+        env = {
+            **os.environ,
+            "FITSCOPE_PROGRESS": "0",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/m.db",
+        }
+        for name, args in STARTUP_COMMANDS.items():
+            began = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-X", "importtime", "-m", "fitscope.cli", *args],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            wall = time.perf_counter() - began
+            if proc.returncode != 0:
+                raise SystemExit(
+                    f"bench: `fitscope {' '.join(args)}` failed:\n{proc.stderr[-2000:]}"
+                )
+            start = interpreter + _import_seconds(proc.stderr)
+            figures["startup_s"][name] = round(start, 3)
+            figures["work_s"][name] = round(max(wall - start, 0.0), 3)
+    print("start-up vs work of each stage's command (s; debug profile, tiny data):")
+    for name in STARTUP_COMMANDS:
+        print(
+            f"  {name:9s} start-up {figures['startup_s'][name]:6.2f}   "
+            f"work {figures['work_s'][name]:6.2f}"
+        )
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    merged.update(figures)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    print(f"  written to {out} (startup_s, work_s)")
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=100)
@@ -256,7 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-rows", type=int, default=2_000_000)
     parser.add_argument("--out", type=Path, help="write the --gpu figures as JSON here")
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint cost only")
+    parser.add_argument("--startup", action="store_true", help="command start-up cost only")
     args = parser.parse_args(argv)
+    if args.startup:
+        startup()
+        return
     if args.checkpoint:
         torch.set_num_threads(1)
         logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -310,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  512x4 fwd+bwd: nn.Dropout / FastDropout = {nn_drop / fast_drop:.2f}x")
     with tempfile.TemporaryDirectory() as tmp:
         report_checkpoint_cost(_higgs(Path(tmp)), Path(tmp))
+    startup()
 
 
 def report_checkpoint_cost(dm: ArrayDataModule, tmp: Path) -> None:
