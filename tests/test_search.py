@@ -28,6 +28,9 @@ def test_four_trial_search_is_tracked_reported_and_resumable(processed_dir, tmp_
     ]
     first = search(args, tmp_path, mlflow_uri)
     assert first.returncode == 0, first.stderr
+    assert (
+        "sweep mnist_search_random: 4/4 jobs done" in first.stderr
+    )  # a search counts against its trial budget
     client = tracking.get_client(mlflow_uri)
     parents, children = runs_of(client, "mnist_search_random")
     assert len(parents) == 1 and len(children) == 4

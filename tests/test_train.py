@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -198,6 +199,11 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, mlflo
     ]
     proc = run_train(args, tmp_path, mlflow_uri)
     assert proc.returncode == 0, proc.stderr
+    # Each job, in its worker process, counts itself: 1/2 then 2/2 (in either job's order).
+    assert sorted(re.findall(r"^sweep \S+: (\d/\d) jobs done$", proc.stderr, re.M)) == [
+        "1/2",
+        "2/2",
+    ]
     client = tracking.get_client()
     parents, children = runs_of(client, "t_sweep")
     assert len(parents) == 1 and len(children) == 2

@@ -327,6 +327,29 @@ def startup(out: Path = Path("reports/bench.json")) -> dict[str, dict[str, float
     return figures
 
 
+def progress_seconds_per_epoch(epochs: int = 2000) -> float:
+    """What ``EpochProgress`` costs an epoch at worst: a line built and written every epoch
+    (a terminal redraws at most once a second, a pipe every ``progress_every_s``)."""
+    import io
+    from types import SimpleNamespace
+
+    from fitscope.progress import LineProgress
+    from fitscope.training import EpochProgress
+
+    line = LineProgress("bench", every_s=0.0, stream=io.StringIO(), live=False)
+    restore = RestoreBestWeights()
+    restore.best_score, restore.best_epoch = 0.61, 3
+    callback = EpochProgress(line, max_epochs=10**4, monitor="val/loss", restore=restore)
+    trainer = SimpleNamespace(current_epoch=0, sanity_checking=False)
+    module = SimpleNamespace(epoch_metrics={"epoch": 0, "val/loss": 0.62})
+    callback.on_train_start(trainer, module)
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        module.epoch_metrics["epoch"] = epoch
+        callback.on_validation_end(trainer, module)
+    return (time.perf_counter() - started) / epochs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=100)
@@ -388,6 +411,11 @@ def main(argv: list[str] | None = None) -> None:
         f"median {statistics.median(best):.2f}x, range {best[0]:.2f}-{best[-1]:.2f}x"
     )
     print(f"  default DataLoader / tensor batches (iteration only) = {default / fast:.1f}x")
+    cost = progress_seconds_per_epoch()
+    print(
+        f"  progress line, written every epoch (worst case): {1e6 * cost:.0f} us an epoch = "
+        f"{100 * cost * args.epochs / li:.2f}% of a tiny-model Lightning epoch (goal <= 1%)"
+    )
     nn_drop = statistics.median(dropout_step(nn.Dropout(0.5), 20) for _ in range(3))
     fast_drop = statistics.median(dropout_step(FastDropout(0.5), 20) for _ in range(3))
     print(f"  512x4 fwd+bwd: nn.Dropout / FastDropout = {nn_drop / fast_drop:.2f}x")

@@ -154,8 +154,10 @@ class ByteProgress:
         self.close()
 
 
-def job_done(sweep_dir: str | Path, total: int, *, stream: IO[str] | None = None) -> int:
-    """Count one finished job of a sweep and print ``sweep: <done>/<total> jobs done``.
+def job_done(
+    sweep_dir: str | Path, total: int, label: str, *, stream: IO[str] | None = None
+) -> int:
+    """Count one finished job of a sweep; print ``sweep <label>: <done>/<total> jobs done``.
 
     Jobs may run in separate worker processes: each appends one byte to a file in the
     sweep directory (O_APPEND writes do not interleave) and counts the bytes.
@@ -168,7 +170,7 @@ def job_done(sweep_dir: str | Path, total: int, *, stream: IO[str] | None = None
         os.close(fd)
     done = path.stat().st_size
     out = stream if stream is not None else sys.stderr
-    out.write(f"sweep {Path(sweep_dir).name}: {done}/{total} jobs done\n")
+    out.write(f"sweep {label}: {done}/{total} jobs done\n")
     out.flush()
     return done
 

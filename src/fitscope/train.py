@@ -530,7 +530,7 @@ class MlflowSweepCallback(Callback):
         # Runs in the job's own process (also a joblib worker): "<done>/<total> jobs done".
         total = os.environ.get(SWEEP_JOBS_ENV)
         if total and config.get("progress") and config.hydra.mode == RunMode.MULTIRUN:
-            job_done(config.hydra.sweep.dir, int(total))
+            job_done(config.hydra.sweep.dir, int(total), config.study)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from fitscope import lifecycle, tracking
