@@ -326,7 +326,7 @@ class PeriodicCheckpoint(Checkpoint):
         # Lightning's own "atomic" save moves a file from $TMPDIR, which is a copy when that
         # is another filesystem: a temporary file beside the target, renamed, is atomic.
         with atomic_path(self.path) as tmp:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)  # full state: resumable
         self.last_save = time.monotonic()
         self.saved += 1
 
