@@ -76,7 +76,7 @@ def _fake_run(root, name, seed, best_val):
     (d / "metrics.json").write_text(
         json.dumps(
             {
-                "params": 481,
+                "n_params": 481,
                 "best_val_loss": best_val,
                 "best_val_acc": 0.6,
                 "best_val_auroc": 0.65,

@@ -106,19 +106,27 @@ def evaluate_variant(
 
 
 def _log_to_mlflow(dirs: list[Path], per_seed: list[dict[str, float]]) -> None:
-    """Attach the test metrics to each seed's MLflow run (when it was tracked)."""
+    """Attach the test metrics to each seed's MLflow run (when it was tracked).
+
+    They are logged at the selected epoch, and on the logged model too: its page then
+    shows the test figures of the weights it holds.
+    """
     from fitscope.tracking import RunTracker, get_client
 
     client = None
     for run_dir, metrics in zip(dirs, per_seed, strict=True):
-        run_id = json.loads((run_dir / "metrics.json").read_text()).get("mlflow_run_id")
+        trained = json.loads((run_dir / "metrics.json").read_text())
+        run_id = trained.get("mlflow_run_id")
         if run_id:
             client = client or get_client()
+            model_uri = trained.get("mlflow_model_uri") or ""
             RunTracker(client, run_id).log_summary(
                 {
                     k.replace("train_eval_", "train_eval/")
                     if k.startswith("train_")
                     else f"test/{k}": v
                     for k, v in metrics.items()
-                }
+                },
+                step=int(trained["best_epoch"]),
+                model_id=model_uri.removeprefix("models:/") or None,
             )
