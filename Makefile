@@ -17,6 +17,8 @@ DVC := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# The mlflow ui browser test drives Debian's chromium (playwright cannot download one here).
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
@@ -35,7 +37,8 @@ demo: install
 	@echo "fitscope demo done (quick profile: shortened runs, labelled as such in the report)"
 	@echo "  report:     reports/study.md   (self-contained: reports/study.html)"
 	@echo "  DVC:        .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc exp show"
-	@echo "  MLflow UI:  .venv/bin/mlflow ui   then open http://127.0.0.1:5000"
+	@echo "  MLflow UI:  .venv/bin/mlflow ui   then open http://127.0.0.1:5000 (Model training view)"
+	@echo "  registry:   models:/fitscope-higgs@quick  (@champion comes from the classic study only)"
 	@echo "  classic:    git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
 
 # The classic study: `dvc repro`, one stage at a time (DVC runs one stage at a time in a

@@ -93,6 +93,8 @@ def parent_run_name(study: str, profile: str, commit: str) -> str:
 
 
 STUDY_COMPARE = (
+    "Runs: the Training runs tab (MLflow 3 opens on its GenAI overview unless the Model "
+    "training switch is on, or the address ends in ?workflowType=machine_learning). "
     "What to compare: each parent run (one per profile and commit) carries the study "
     "report and its comparison table; each variant's run says in its description and its "
     "`fitscope.verdict` tag whether it overfits, underfits or fits well, with `best/*` "
@@ -110,7 +112,7 @@ def study_description(cfg: DictConfig) -> str:
 def _run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without run-specific keys (what the config hash covers)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "force", "tracking"):
+    for key in ("paths", "force", "tracking", "study_description"):
         resolved.pop(key, None)
     # Where and how often checkpoints are written does not change what is trained.
     resolved.get("callbacks", {}).pop("checkpoint", None)
@@ -433,7 +435,7 @@ def _fit(
         "fit/epochs_run": len(history.rows),
         "fit/wall_time_s": wall,
         "model/n_params": count_parameters(mlp),
-        **{f"best/{k}": v for k, v in row.items() if k != "epoch"},
+        **{f"best/{k}": v for k, v in row.items() if k.startswith(("train/", "val/"))},
         "best/gap_loss": row["val/loss"] - row["train/loss"],
     }
     run_dir.mkdir(parents=True, exist_ok=True)
