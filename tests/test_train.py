@@ -377,7 +377,7 @@ def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, mlflow_uri):
         mlflow_uri,
     )
     assert last_error_line(proc, 1).startswith(
-        "fitscope: error: 1 job(s) of the sweep failed (large-none)"
+        "fitscope: error: 1 job(s) of the sweep failed (higgs-large)"
     )
     _, children = runs_of(tracking.get_client(), "t_mixed")
     statuses = sorted(r.info.status for r in children)
