@@ -17,6 +17,8 @@ DVC := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# The mlflow ui browser test drives Debian's chromium (playwright cannot download one here).
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
@@ -34,8 +36,9 @@ demo: install
 	@echo
 	@echo "fitscope demo done (quick profile: shortened runs, labelled as such in the report)"
 	@$(BIN)/fitscope summary
-	@echo "DVC:     .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc exp show"
-	@echo "classic: git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
+	@echo "DVC:      .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc exp show"
+	@echo "registry: models:/fitscope-higgs@quick  (@champion comes from the classic study only)"
+	@echo "classic:  git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
 
 # The classic study: `dvc repro`, one stage at a time (DVC runs one stage at a time in a
 # workspace; side-by-side experiments go through `dvc exp run --queue`, docs/pipeline.md).

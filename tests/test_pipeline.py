@@ -102,16 +102,62 @@ def test_report_numbers_match_metrics_files_and_mlflow(study_repo):
         assert run_.data.tags["mlflow.parentRunId"]  # nested under the study's parent run
 
 
-def test_champion_alias_loads_and_predicts(study_repo):
+def test_profile_alias_loads_and_predicts_and_no_debug_champion(study_repo):
     import mlflow
     import numpy as np
+    from mlflow.exceptions import MlflowException
+
+    from fitscope.tracking import get_client
 
     repo, _ = study_repo
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/fitscope-higgs@champion")
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/fitscope-higgs@debug")
     x = np.load(repo / "data/processed/higgs/test_x.npy")[:10]
     probs = np.asarray(model.predict(x))
     assert probs.shape == (10, 1) and ((probs >= 0) & (probs <= 1)).all()
+    client = get_client(uri)
+    with pytest.raises(MlflowException):  # @champion is the classic protocol's only
+        client.get_model_version_by_alias("fitscope-higgs", "champion")
+    version = client.get_model_version_by_alias("fitscope-mnist", "debug")
+    run = client.get_run(version.run_id)
+    assert version.tags["fitscope.profile"] == "debug"
+    assert version.tags["fitscope.commit"] == run.data.tags["mlflow.source.git.commit"]
+    assert version.tags["fitscope.verdict"] == run.data.tags["fitscope.verdict"]
+    assert version.tags["fitscope.variant"] == run.data.tags["fitscope.variant"]
+    assert float(version.tags["test/acc"]) == pytest.approx(run.data.metrics["test/acc"], abs=1e-4)
+    assert version.description.startswith(f"{version.tags['fitscope.variant']} from the debug")
+
+
+def test_dvc_runs_are_named_tagged_and_annotated(study_repo):
+    """What the DVC pipeline leaves in MLflow besides the numbers (issue: the mlflow ui review)."""
+    from fitscope.tracking import get_client
+
+    repo, _ = study_repo
+    client = get_client(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("higgs_capacity")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
+    commit = parent.data.tags["mlflow.source.git.commit"]
+    assert parent.info.run_name == f"higgs_capacity · debug · {commit[:7]}"
+    assert "fitscope.overrides" not in parent.data.tags  # each child holds its own
+    assert "| higgs-tiny |" in parent.data.tags["mlflow.note.content"]
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/study.md", "report/study.html", "report/higgs_capacity.png"} <= files
+    children = [r for r in runs if r is not parent]
+    assert sorted(r.info.run_name for r in children) == sorted(
+        ["higgs-tiny", "higgs-small", "higgs-medium", "higgs-large"]
+    )
+    for child in children:
+        tags = child.data.tags
+        assert f"model={tags['fitscope.variant'].split('-')[1]}" in tags["fitscope.overrides"]
+        assert tags["mlflow.source.name"] == f"dvc stage train@{child.info.run_name}"
+        assert tags["fitscope.git_dirty"] == "false"  # params.yaml/dvc.lock: DVC's own writes
+        assert tags["fitscope.dvc_exp"]  # the name `dvc exp run` gave the experiment
+        assert tags["fitscope.verdict"] in tags["mlflow.note.content"]
+        assert "Test: loss" in tags["mlflow.note.content"]
+        (ds,) = child.inputs.dataset_inputs
+        assert ds.dataset.name == "higgs"
 
 
 def test_metrics_and_plots_commands_read_the_outputs(study_repo):
@@ -150,3 +196,127 @@ def test_optional_search_pipeline(study_repo):
         assert (repo / "search" / "reports" / study / "best_so_far.png").exists()
     # The main pipeline neither runs nor depends on it.
     assert "Running stage" not in run(["dvc", "repro"], repo).stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mlflow_ui_review_in_a_real_browser(study_repo):
+    """Headless Chromium on `mlflow ui` over the debug pipeline's store: what a reviewer
+    checks, with the screenshots docs/review.md shows (written to docs/review/)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import REPO
+
+    from fitscope.tracking import get_client
+
+    chromium = shutil.which("chromium")
+    assert chromium, "no chromium browser. Fix: `apt-get install -y chromium` (make install does)"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing. Fix: pip install -e '.[dev]' (make install does)")
+
+    repo, _ = study_repo
+    client = get_client(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("higgs_capacity")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
+    child = next(r for r in runs if r.info.run_name == "higgs-large")
+    trained = json.loads((repo / "runs" / "higgs-large" / "0" / "metrics.json").read_text())
+    selected = int(trained["best_epoch"])
+    model_id = trained["mlflow_model_uri"].removeprefix("models:/")
+    version = client.get_model_version_by_alias("fitscope-higgs", "debug")
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [
+            *("mlflow", "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}"),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+        ],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    shots = REPO / "docs" / "review"
+    shots.mkdir(exist_ok=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow ui did not start within 90 s"
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=chromium, args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(60_000)
+
+            def visit(route: str, wait_for: str, shot: str) -> str:
+                # The UI never reaches "networkidle": wait for the text a person looks for.
+                page.goto(f"{base}/#{route}", wait_until="load")
+                page.get_by_text(wait_for).first.wait_for()
+                page.wait_for_timeout(500)  # let the rest of the page settle for the picture
+                page.screenshot(path=shots / shot)
+                return page.inner_text("body")
+
+            ml = "workflowType=machine_learning"
+            body = visit(f"/experiments?{ml}", "mnist_weight_decay", "experiments.png")
+            for study in ("higgs_capacity", "higgs_regularization", "mnist_dropout"):
+                assert study in body
+            assert "What to compare" in body  # the experiment's description
+            body = visit(f"/experiments/{exp.experiment_id}?{ml}", parent.info.run_name, "runs.png")
+            assert "Training runs" in body
+            body = visit(
+                f"/experiments/{exp.experiment_id}/runs/{parent.info.run_id}",
+                "higgs-large",
+                "parent.png",
+            )
+            for name in ("higgs-tiny", "higgs-small", "higgs-medium"):  # nested variants
+                assert name in body
+            assert "Study report of" in body
+            body = visit(
+                f"/experiments/{exp.experiment_id}/runs/{child.info.run_id}",
+                "best/val/loss",
+                "run.png",
+            )
+            verdict = child.data.tags["fitscope.verdict"]
+            assert f"higgs-large (debug profile): {verdict}" in body
+            assert f"Selected epoch {selected}" in body
+            assert f"{trained['best_val_loss']}"[:8] in body  # best/val/loss, selected epoch
+            body = visit(
+                f"/experiments/{exp.experiment_id}/models/{model_id}", "val/loss", "model.png"
+            )
+            rows = body.split("val/loss", 1)[1].splitlines()
+            value = float(next(line for line in rows if line.strip().startswith("0.")))
+            assert value == pytest.approx(trained["best_val_loss"], abs=1e-6)  # not step 0's
+            body = visit(
+                f"/models/fitscope-higgs/versions/{version.version}",
+                "fitscope.verdict",
+                "version.png",
+            )
+            for key in ("fitscope.profile", "fitscope.commit", "fitscope.variant", "test/acc"):
+                assert key in body
+            assert "@debug" in body or "debug" in body
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -133,7 +133,7 @@ def test_single_run_interrupted_killed_and_rerun_trains_once(processed_dir, tmp_
     proc = run_train(args, tmp_path, mlflow_uri)  # the same command again
     assert proc.returncode == 0, proc.stderr
     assert (
-        f"run {orphan.info.run_id} (large-none) was left RUNNING: now KILLED, its process "
+        f"run {orphan.info.run_id} (higgs-large) was left RUNNING: now KILLED, its process "
         f"(pid {run.pid} on host {socket.gethostname()}) is gone"
     ) in proc.stdout
     reconciled = client.get_run(orphan.info.run_id)
@@ -169,8 +169,8 @@ def test_joblib_sweep_interrupted_killed_orphans_stop_and_rerun_trains_once(
         line = last_error_line(proc, 128 + signum)
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert re.fullmatch(
-            rf"fitscope: interrupted \({name}\); runs KILLED: job \d large-none at epoch \d+, "
-            rf"job \d large-none at epoch \d+; run the same command again to resume",
+            rf"fitscope: interrupted \({name}\); runs KILLED: job \d higgs-large at epoch \d+, "
+            rf"job \d higgs-large at epoch \d+; run the same command again to resume",
             line,
         ), line
         parents, children = new_runs()
@@ -204,7 +204,7 @@ def test_joblib_sweep_interrupted_killed_orphans_stop_and_rerun_trains_once(
     procs = [first.wait(300), second.wait(300)]
     assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
     skipped = re.findall(
-        r"skipping large-none: already running in pid (\d+) on host (\S+) \(MLflow run \w+\)",
+        r"skipping higgs-large: already running in pid (\d+) on host (\S+) \(MLflow run \w+\)",
         "".join(p.stdout for p in procs),
     )
     assert len(skipped) == 2, [p.stdout for p in procs]

@@ -51,7 +51,7 @@ def test_val_rise_with_train_also_rising_is_not_overfitting():
     assert verdict(hist, best_val_in_dataset=0.55) == "good fit"
 
 
-def _fake_run(root, name, seed, best_val):
+def _fake_run(root, name, seed, best_val, run_id=None):
     d = root / "runs" / name / str(seed)
     d.mkdir(parents=True)
     hist = curve(train=[0.7, 0.5, 0.4], val=[0.7, best_val, best_val + 0.05])
@@ -76,7 +76,7 @@ def _fake_run(root, name, seed, best_val):
     (d / "metrics.json").write_text(
         json.dumps(
             {
-                "params": 481,
+                "n_params": 481,
                 "best_val_loss": best_val,
                 "best_val_acc": 0.6,
                 "best_val_auroc": 0.65,
@@ -84,13 +84,34 @@ def _fake_run(root, name, seed, best_val):
                 "stopped_epoch": 2,
                 "best_gap_loss": best_val - 0.5,
                 "wall_time_s": 1.5,
-                "mlflow_run_id": f"run-{name}-{seed}",
+                "mlflow_run_id": run_id or f"run-{name}-{seed}",
             }
         )
     )
 
 
-def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path):
+def _tracked_runs(names: list[str], seeds: int) -> tuple[str, dict[tuple[str, int], str]]:
+    """A parent run and one finished child run per variant and seed in the MLflow store."""
+    from fitscope import tracking
+
+    client = tracking.get_client()
+    exp = tracking.ensure_experiment(client, "s1")
+    parent = tracking.RunTracker.create(client, exp, "s1 · quick · abc", {}, {})
+    ids = {}
+    for name in names:
+        for seed in range(seeds):
+            tags = {tracking.PARENT_TAG: parent.run_id, "mlflow.source.git.commit": "abc1234"}
+            child = tracking.RunTracker.create(client, exp, name, {}, tags)
+            fit = {"fit/best_epoch": 1, "fit/stopped_epoch": 2, "fit/early_stopped": 1}
+            child.log_summary({**fit, "best/val/loss": 0.6, "best/val/acc": 0.6}, step=1)
+            child.log_summary({"test/loss": 0.61, "test/acc": 0.7}, step=1)
+            child.finish()
+            ids[name, seed] = child.run_id
+    parent.finish()
+    return parent.run_id, ids
+
+
+def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
     params = {
         "study": {"profile": "quick"},
         "variants": {
@@ -98,9 +119,10 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path):
             "higgs-b": {"dataset": "higgs", "study": "s1", "overrides": ""},
         },
     }
+    parent_id, run_ids = _tracked_runs(["higgs-a", "higgs-b"], 2)
     for name, vals in {"higgs-a": (0.60, 0.62), "higgs-b": (0.65, 0.65)}.items():
         for seed, v in enumerate(vals):
-            _fake_run(tmp_path, name, seed, v)
+            _fake_run(tmp_path, name, seed, v, run_ids[name, seed])
         (tmp_path / "metrics").mkdir(exist_ok=True)
         (tmp_path / "metrics" / f"{name}.json").write_text(
             json.dumps(
@@ -120,12 +142,26 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path):
     assert "quick profile" in text
     assert "| higgs-a | 481 | 0.6100 ± 0.0141 |" in text
     assert "| higgs-b | 481 | 0.6500 ± 0.0000 |" in text
-    assert "run-higgs-a-0, run-higgs-a-1" in text
+    assert f"{run_ids['higgs-a', 0]}, {run_ids['higgs-a', 1]}" in text
     assert (tmp_path / "reports" / "s1.png").stat().st_size > 10_000
     html = (tmp_path / "reports" / "study.html").read_text()
     assert "data:image/png;base64," in html and "higgs-b" in html
     with open(tmp_path / "reports" / "curves" / "higgs-a.csv") as fh:
         assert next(csv.reader(fh)) == ["epoch", "train_loss", "val_loss", "train_acc", "val_acc"]
+    # The report's answers are on the MLflow runs: each run's study verdict and description,
+    # the parent's report files and comparison table.
+    from fitscope.tracking import get_client
+
+    client = get_client()
+    for (name, _seed), run_id in run_ids.items():
+        tags = client.get_run(run_id).data.tags
+        assert tags["fitscope.verdict"] in text.split(f"| {name} |")[1].splitlines()[0]
+        assert tags["mlflow.note.content"].startswith(f"**{name}** (quick profile): **")
+        assert "Test: loss 0.6100, acc 0.7000." in tags["mlflow.note.content"]
+    parent = client.get_run(parent_id)
+    assert "| higgs-a | 481 | 0.6100 ± 0.0141 |" in parent.data.tags["mlflow.note.content"]
+    files = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert files == {f"report/{f}" for f in ("study.md", "study.html", "comparison.csv", "s1.png")}
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):

@@ -83,6 +83,6 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(
     assert sorted(steps) == list(range(len(base_rows)))
     _, base_runs = runs_of(client, "t_base")
     assert runs[0].data.metrics["best/val/loss"] == base_runs[0].data.metrics["best/val/loss"]
-    assert runs[0].data.metrics["best_epoch"] == base_runs[0].data.metrics["best_epoch"]
+    assert runs[0].data.metrics["fit/best_epoch"] == base_runs[0].data.metrics["fit/best_epoch"]
     # The finished run's checkpoint is removed (callbacks.checkpoint.keep=false).
     assert not list(tmp_path.glob("checkpoints/t_resume/*/last.ckpt"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     value = train(cfg)
     client = tracking.get_client()
     run = only_run(client, "t_higgs")
-    assert run.info.status == "FINISHED" and run.info.run_name == "small-l2"
+    assert run.info.status == "FINISHED" and run.info.run_name == "higgs-small-l2"
     p, tags, m = run.data.params, run.data.tags, run.data.metrics
     assert p["model.width"] == "16" and p["regularization.l2"] == "0.001"
     assert p["optimizer.name"] == "adam" and p["data.batch_size"] == "500"
@@ -64,6 +65,7 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
         summary["best_val_loss"] - summary["best_train_loss"]
     )
     assert (tmp_path / "run" / "history.csv").read_text().count("\n") == 4
+    _assert_run_page_says_what_the_run_found(client, run, tmp_path / "run", processed_dir)
 
     # The logged model predicts exactly what the saved best weights predict.
     import mlflow
@@ -80,6 +82,104 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     assert ((expected >= 0) & (expected <= 1)).all()
 
 
+def _assert_run_page_says_what_the_run_found(client, run, run_dir, processed_dir) -> None:
+    """What `mlflow ui` shows of a run: summary and model metrics at the selected epoch, the
+    verdict and description, the files, the dataset, the source; the experiment's landing."""
+    import csv
+    import getpass
+
+    import yaml
+
+    from fitscope.report.study import own_verdict
+
+    run_id, tags, m = run.info.run_id, run.data.tags, run.data.metrics
+    with open(run_dir / "history.csv", newline="") as fh:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    selected = int(m["fit/best_epoch"])
+    row = rows[selected]
+    for key in ("best/val/loss", "fit/stopped_epoch", "model/n_params"):
+        assert [h.step for h in client.get_metric_history(run_id, key)] == [selected], key
+    assert m["best/val/loss"] == pytest.approx(row["val/loss"])
+    assert "lr" not in m and "params" not in m and "best_epoch" not in m  # grouped keys only
+    assert m["optimizer/lr"] > 0
+    # The logged model's page: the metrics of the restored epoch, not of step 0.
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    model = client.get_logged_model(summary["mlflow_model_uri"].removeprefix("models:/"))
+    on_model = {x.key: x for x in model.metrics}
+    assert {x.step for x in model.metrics} == {selected}
+    assert on_model["val/loss"].value == pytest.approx(row["val/loss"])
+    assert on_model["train/loss"].value == pytest.approx(row["train/loss"])
+    assert on_model["best/val/loss"].value == pytest.approx(row["val/loss"])
+    # Verdict (the report's rule) and the description.
+    assert tags["fitscope.verdict"] == own_verdict(rows)
+    note = tags["mlflow.note.content"]
+    head = f"**{run.info.run_name}** (adhoc profile): **{tags['fitscope.verdict']}**"
+    assert note.startswith(head)
+    assert f"Selected epoch {selected}, stopped at epoch {len(rows) - 1}" in note
+    assert f"loss {row['val/loss']:.4f}" in note
+    # The files: history, metrics, the resolved config, the learning curves.
+    files = {a.path for a in client.list_artifacts(run_id)}
+    assert {"history.csv", "metrics.json", "learning_curves.png", "config"} <= files
+    assert {a.path for a in client.list_artifacts(run_id, "config")} >= {"config/resolved.yaml"}
+
+    def artifact(path: str) -> Path:
+        return Path(client.download_artifacts(run_id, path))
+
+    resolved = yaml.safe_load(artifact("config/resolved.yaml").read_text())
+    assert resolved["paths"]["data_dir"] == str(processed_dir)  # no ${...} left
+    assert json.loads(artifact("metrics.json").read_text()) == summary
+    assert artifact("learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    # The dataset (the Dataset column) and the source tags.
+    (ds,) = client.get_run(run_id).inputs.dataset_inputs
+    assert ds.dataset.name == "higgs"
+    assert ds.dataset.digest == tags["fitscope.data_manifest_sha256"][:36]
+    assert json.loads(ds.dataset.profile)["train"] > 0
+    assert tags["mlflow.user"] == getpass.getuser()
+    assert tags["mlflow.source.name"] == "fitscope-train"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags[tracking.KIND_TAG] == "custom_model_development"  # UI opens on runs
+    assert "What to compare" in exp.tags[tracking.NOTE_TAG]
+
+
+def test_params_yaml_variants_have_the_names_a_hydra_sweep_gives_them():
+    import shlex
+
+    import yaml
+    from conftest import REPO
+
+    variants = yaml.safe_load((REPO / "params.yaml").read_text())["variants"]
+    for key, spec in variants.items():
+        assert compose(*shlex.split(spec["overrides"])).variant == key
+    assert compose("model=small", "regularization=l2").variant == "higgs-small-l2"
+    assert compose("+experiment=higgs_regularization", "model=small").variant == "higgs-small"
+
+
+def test_git_dirtiness_ignores_only_what_dvc_writes(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("params.yaml", "dvc.lock", "code.py"):
+        (tmp_path / name).write_text("a\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("b\n")
+    (tmp_path / "dvc.lock").write_text("b\n")
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert tracking.source_tags("x")["fitscope.git_dirty"] == "true"
+    monkeypatch.setenv("DVC_STAGE", "train@higgs-tiny")
+    monkeypatch.setenv("DVC_EXP_NAME", "funny-exp")
+    tags = tracking.source_tags("x")
+    assert tags["fitscope.git_dirty"] == "false"
+    assert tags["fitscope.git_dirty_ignores"] == "params.yaml, dvc.lock (written by DVC itself)"
+    assert tags["fitscope.dvc_exp"] == "funny-exp"
+    (tmp_path / "code.py").write_text("b\n")
+    assert tracking.source_tags("x")["fitscope.git_dirty"] == "true"
+
+
 def test_mnist_debug_run(processed_dir, tmp_path, mlflow_uri):
     cfg = debug_cfg(
         processed_dir,
@@ -94,7 +194,7 @@ def test_mnist_debug_run(processed_dir, tmp_path, mlflow_uri):
     assert run.data.params["optimizer.name"] == "sgd"
     assert run.data.params["data.train_size"] == "300"
     assert run.data.params["regularization.l2_include_output"] == "True"
-    assert run.data.metrics["best_epoch"] == 1  # no restore: the last epoch is reported
+    assert run.data.metrics["fit/best_epoch"] == 1  # no restore: the last epoch is reported
     assert value == pytest.approx(run.data.metrics["best/val/acc"])
     assert 0.0 <= value <= 1.0
 
@@ -209,7 +309,13 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, mlflo
     assert len(parents) == 1 and len(children) == 2
     assert parents[0].info.status == "FINISHED"
     assert {c.data.tags[tracking.PARENT_TAG] for c in children} == {parents[0].info.run_id}
-    assert {c.info.run_name for c in children} == {"tiny-none", "small-none"}
+    assert {c.info.run_name for c in children} == {"higgs-tiny", "higgs-small"}
+    commit = tracking.git_state(tmp_path)[0]  # the sweep ran there
+    assert parents[0].info.run_name == f"t_sweep · adhoc · {commit[:7]}"
+    # Each child holds its own overrides (the parent the sweep's).
+    own = [set(c.data.tags["fitscope.overrides"].split()) for c in children]
+    assert sorted(len(o & {"model=tiny", "model=small"}) for o in own) == [1, 1]
+    assert {"model=tiny", "model=small"} <= own[0] | own[1]
     assert sorted(c.data.tags["fitscope.job_num"] for c in children) == ["0", "1"]
     for child in children:
         assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 3
@@ -279,7 +385,7 @@ def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, mlflow_uri):
         mlflow_uri,
     )
     assert last_error_line(proc, 1).startswith(
-        "fitscope: error: 1 job(s) of the sweep failed (large-none)"
+        "fitscope: error: 1 job(s) of the sweep failed (higgs-large)"
     )
     _, children = runs_of(tracking.get_client(), "t_mixed")
     statuses = sorted(r.info.status for r in children)

@@ -221,6 +221,7 @@ class TrainConfig(Section):
     profile: str = safe_name()
     study: str = safe_name()
     variant: str = safe_name()
+    study_description: str = ""  # the MLflow experiment's description (presets say it)
     objective: str = one_of(*OBJECTIVES)
     force: bool = False
     # How a run shows its progress (fitscope.progress); neither changes what is trained.
@@ -265,6 +266,23 @@ register()
 # directories. Cached, so the jobs of one sweep (also in other processes) see the same value.
 if not OmegaConf.has_resolver("fitscope.pid"):
     OmegaConf.register_new_resolver("fitscope.pid", os.getpid, use_cache=True)
+
+
+def variant_name(data: str, model: str, regularization: str, base_model: str, base: str) -> str:
+    """The one naming scheme of variants, the same from a DVC stage and a Hydra sweep.
+
+    ``<data>-<model>`` without regularization (``base`` for the preset's own model),
+    ``<data>-<regularization>`` on the preset's model, else ``<data>-<model>-<regularization>``.
+    """
+    if regularization == "none":
+        return base if model == base_model and base else f"{data}-{model}"
+    if model == base_model:
+        return f"{data}-{regularization}"
+    return f"{data}-{model}-{regularization}"
+
+
+if not OmegaConf.has_resolver("fitscope.variant"):
+    OmegaConf.register_new_resolver("fitscope.variant", variant_name)
 
 
 def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:

@@ -154,15 +154,32 @@ def get_client(uri: str | None = None):
     return client
 
 
-def ensure_experiment(client, name: str) -> str:
-    """Id of experiment ``name``, created (artifacts under ./mlartifacts) if missing."""
+NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows (runs, experiments)
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is
+# model training (the kinds are in the UI bundle: genai_development, custom_model_development).
+KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def ensure_experiment(client, name: str, description: str | None = None) -> str:
+    """Id of experiment ``name``, created (artifacts under ./mlartifacts) if missing.
+
+    The experiment is marked as model training (the UI then opens on its runs) and gets
+    ``description`` when it has none yet (a user's own edit in the UI is kept).
+    """
     with _store_lock(client.tracking_uri):
         exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        db = _sqlite_path(client.tracking_uri)
-        location = str(db.parent / "mlartifacts" / name) if db is not None else None
-        return client.create_experiment(name, artifact_location=location)
+        if exp is None:
+            db = _sqlite_path(client.tracking_uri)
+            location = str(db.parent / "mlartifacts" / name) if db is not None else None
+            exp_id = client.create_experiment(name, artifact_location=location)
+            tags: dict[str, str] = {}
+        else:
+            exp_id, tags = exp.experiment_id, exp.tags
+        if tags.get(KIND_TAG) != KIND_TRAINING:
+            client.set_experiment_tag(exp_id, KIND_TAG, KIND_TRAINING)
+        if description and not tags.get(NOTE_TAG):
+            client.set_experiment_tag(exp_id, NOTE_TAG, description)
+        return exp_id
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -183,23 +200,56 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
-    """(commit, dirty) of the repository, or ("unknown", False) outside git."""
+# Files that `dvc exp run` / `dvc repro` write themselves before and while stages run
+# (params.yaml from -S, dvc.lock after each stage): inside a DVC stage they do not make
+# the code a run was trained with differ from the commit.
+DVC_WRITTEN = ("params.yaml", "dvc.lock")
+
+
+def git_state(cwd: str | Path = ".", ignore: tuple[str, ...] = ()) -> tuple[str, bool]:
+    """(commit, dirty) of the repository, or ("unknown", False) outside git.
+
+    Changes to the paths in ``ignore`` (relative to the repository root) do not count.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=cwd,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-        )
-        return commit, dirty
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--no-renames"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()
+        return commit, any(line[3:] not in ignore for line in status if line.strip())
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
+
+
+def source_tags(entry: str) -> dict[str, str]:
+    """MLflow's standard source tags and fitscope's git/DVC provenance for a new run.
+
+    ``entry`` names what started the run (``mlflow.source.name``). Inside a DVC stage the
+    files DVC writes itself are left out of the dirtiness check, and the tag says so; the
+    DVC experiment name (``dvc exp run``) is recorded when there is one.
+    """
+    import getpass
+
+    in_dvc = bool(os.environ.get("DVC_STAGE"))
+    ignore = DVC_WRITTEN if in_dvc else ()
+    commit, dirty = git_state(ignore=ignore)
+    tags = {
+        "mlflow.user": getpass.getuser(),
+        "mlflow.source.name": entry,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit,
+        f"{TAG}git_dirty": str(dirty).lower(),
+    }
+    if ignore:
+        tags[f"{TAG}git_dirty_ignores"] = f"{', '.join(ignore)} (written by DVC itself)"
+    if os.environ.get("DVC_EXP_NAME"):
+        tags[f"{TAG}dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
 def tag_equals(key: str, value: str) -> str:
@@ -223,12 +273,15 @@ def commit_parent_key(key: str, commit: str) -> str:
     return f"{key}@{commit[:12]}"
 
 
-def _summary_metrics(values: dict[str, float]) -> list:
-    """Single-value metrics (step 0, timestamped now) for one ``log_batch`` call."""
+def _summary_metrics(values: dict[str, float], step: int = 0, model_id: str | None = None) -> list:
+    """Single-value metrics (timestamped now) at ``step`` for one ``log_batch`` call.
+
+    With ``model_id`` they are also the metrics of that logged model (its page shows them).
+    """
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in values.items()]
+    return [Metric(k, float(v), now, step, model_id=model_id) for k, v in values.items()]
 
 
 def owner_tags(owner: Owner | None = None) -> dict[str, str]:
@@ -495,7 +548,8 @@ def close_parent(
         status, reason = "FAILED", "no child run finished"
     elif "FAILED" in effective and not tolerate_failures:
         status, reason = "FAILED", f"{effective.count('FAILED')} config(s) failed"
-    best, tags, metrics = None, [], dict(counts)
+    # "sweep/..." keeps the counts in their own chart group, apart from the best metrics.
+    best, tags, metrics = None, [], {f"sweep/{k}": v for k, v in counts.items()}
     if done:
         sign = 1 if objective.endswith("loss") else -1
         run = min(done, key=lambda r: sign * r.data.metrics[key])
@@ -517,6 +571,30 @@ def close_parent(
     client.log_batch(parent_id, metrics=_summary_metrics(metrics), tags=tags)
     client.set_terminated(parent_id, status=status)
     return best
+
+
+def register_version(
+    client,
+    name: str,
+    model_uri: str,
+    run_id: str,
+    alias: str,
+    tags: dict[str, str],
+    description: str,
+    model_description: str,
+) -> str:
+    """Register ``model_uri`` as a new version of ``name``, point ``alias`` at it.
+
+    The version carries ``tags`` and ``description``; the registered model gets
+    ``model_description`` when it is created. Returns the version number.
+    """
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, description=model_description)
+    version = client.create_model_version(
+        name, model_uri, run_id=run_id, tags=tags, description=description
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
 
 
 @dataclass
@@ -670,8 +748,11 @@ class RunTracker:
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def log_summary(self, summary: dict[str, float]) -> None:
-        self.client.log_batch(self.run_id, metrics=_summary_metrics(summary))
+    def log_summary(
+        self, summary: dict[str, float], step: int = 0, model_id: str | None = None
+    ) -> None:
+        """Single values at ``step`` (the selected epoch), on ``model_id``'s page too."""
+        self.client.log_batch(self.run_id, metrics=_summary_metrics(summary, step, model_id))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -681,8 +762,35 @@ class RunTracker:
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model, example, registered_name: str | None = None):
-        """Log ``model`` (eval mode) with a signature and an input example; return ModelInfo."""
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        """``data`` as a JSON or YAML artifact (by the file's extension)."""
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_dataset(
+        self, name: str, source: str, digest: str, profile: dict[str, Any], context: str
+    ) -> None:
+        """The data a run used, as MLflow's run input (the UI's Dataset column)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],  # MLflow stores at most 36 characters of a digest
+            source_type="local",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile),
+        )
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def log_model(self, model, example, step: int, registered_name: str | None = None):
+        """Log ``model`` (eval mode) with a signature and an input example; return ModelInfo.
+
+        ``step`` is the epoch whose weights the model holds: MLflow copies the run's
+        metrics at that step onto the logged model's page.
+        """
         import mlflow
         import numpy as np
         import torch
@@ -706,6 +814,7 @@ class RunTracker:
                 input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 registered_model_name=registered_name,
+                step=step,
             )
 
     def finish(self) -> None:

@@ -73,10 +73,47 @@ def _job_info() -> dict[str, str]:
     return {"fitscope.sweep_dir": str(hc.sweep.dir), "fitscope.job_num": str(hc.job.num)}
 
 
+def _task_overrides() -> list[str]:
+    """This job's own overrides (a sweep's jobs each have theirs), without Hydra's."""
+    try:
+        task = HydraConfig.get().overrides.task
+    except ValueError:  # composed outside @hydra.main (the tests, a notebook)
+        return []
+    return [o for o in task if not o.startswith(("hydra.", "hydra/"))]
+
+
+def _entry() -> str:
+    """What started this run, for ``mlflow.source.name``: the DVC stage or the console script."""
+    stage = os.environ.get("DVC_STAGE")
+    return f"dvc stage {stage}" if stage else "fitscope-train"
+
+
+def parent_run_name(study: str, profile: str, commit: str) -> str:
+    """``<study> · <profile> · <commit>``: one parent per study, profile and code version."""
+    return f"{study} · {profile} · {commit[:7]}"
+
+
+STUDY_COMPARE = (
+    "Runs: the Training runs tab (MLflow 3 opens on its GenAI overview unless the Model "
+    "training switch is on, or the address ends in ?workflowType=machine_learning). "
+    "What to compare: each parent run (one per profile and commit) carries the study "
+    "report and its comparison table; each variant's run says in its description and its "
+    "`fitscope.verdict` tag whether it overfits, underfits or fits well, with `best/*` "
+    "metrics at the selected (restored) epoch and `best/gap_loss` (val minus train loss). "
+    "Charts: `train/*` against `val/*` per epoch; `learning_curves.png` draws both on one chart."
+)
+
+
+def study_description(cfg: DictConfig) -> str:
+    """The MLflow experiment's description: the study (its preset says) and what to compare."""
+    about = cfg.study_description or f"Ad hoc runs on {cfg.data.name} (study `{cfg.study}`)."
+    return f"{about}\n\n{STUDY_COMPARE}"
+
+
 def _run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without run-specific keys (what the config hash covers)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "force", "tracking", "progress", "progress_every_s"):
+    for key in ("paths", "force", "tracking", "progress", "progress_every_s", "study_description"):
         resolved.pop(key, None)
     # Where and how often checkpoints are written does not change what is trained.
     resolved.get("callbacks", {}).pop("checkpoint", None)
@@ -220,15 +257,17 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
 
     run_cfg = _run_config(cfg)
     client = opened.client = tracking.get_client()
-    exp_id = tracking.ensure_experiment(client, cfg.study)
-    commit, dirty = tracking.git_state()
+    exp_id = tracking.ensure_experiment(client, cfg.study, study_description(cfg))
+    source = tracking.source_tags(_entry())
+    commit = source["mlflow.source.git.commit"]
     tags = {
         "fitscope.variant": cfg.variant,
         "fitscope.dataset": cfg.data.name,
         "fitscope.study": cfg.study,
+        "fitscope.profile": cfg.profile,
+        "fitscope.overrides": " ".join(_task_overrides()),
         "fitscope.data_manifest_sha256": dm.manifest_sha256(),
-        "mlflow.source.git.commit": commit,
-        "fitscope.git_dirty": str(dirty).lower(),
+        **source,
         **_job_info(),
     }
     parent = os.environ.get(tracking.PARENT_ENV)
@@ -237,7 +276,8 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
             client,
             exp_id,
             tracking.commit_parent_key(cfg.tracking.parent_key, commit),
-            run_name=cfg.study,
+            run_name=parent_run_name(cfg.study, cfg.profile, commit),
+            tags={"fitscope.study": cfg.study, "fitscope.profile": cfg.profile, **source},
         )
     if parent:
         tags[tracking.PARENT_TAG] = parent
@@ -412,14 +452,15 @@ def _fit(
     # The test split is scored here, by the process that trained, rather than by a stage
     # that would start Python and torch again only to reload the model (docs/pipeline.md).
     scores = test_scores(model_cpu, cfg.data.task, cfg.data.num_classes, dm.tensors)
+    # Grouped by what they describe, so the MLflow UI draws them in sensible chart groups.
     summary = {
-        "best_epoch": selected,
-        "stopped_epoch": stopped,
-        "early_stopped": float(early is not None and early.stopped_epoch > 0),
-        "epochs_run": len(history.rows),
-        "wall_time_s": wall,
-        "params": count_parameters(mlp),
-        **{f"best/{k}": v for k, v in row.items() if k != "epoch"},
+        "fit/best_epoch": selected,
+        "fit/stopped_epoch": stopped,
+        "fit/early_stopped": float(early is not None and early.stopped_epoch > 0),
+        "fit/epochs_run": len(history.rows),
+        "fit/wall_time_s": wall,
+        "model/n_params": count_parameters(mlp),
+        **{f"best/{k}": v for k, v in row.items() if k.startswith(("train/", "val/"))},
         "best/gap_loss": row["val/loss"] - row["train/loss"],
         **{
             k.replace("train_eval_", "train_eval/") if k.startswith("train_") else f"test/{k}": v
@@ -437,20 +478,20 @@ def _fit(
                 },
                 tmp,
             )
-    metrics_out: dict[str, Any] = {k.replace("/", "_"): v for k, v in summary.items()}
+    metrics_out: dict[str, Any] = {metrics_file_key(k): v for k, v in summary.items()}
     metrics_out["seed"] = cfg.seed
     if tracker is not None:
         metrics_out["mlflow_run_id"] = tracker.run_id
-        tracker.log_summary(summary)
-        if (run_dir / ".hydra").is_dir():
-            tracker.log_artifacts(run_dir / ".hydra", "hydra")
+        _log_run_record(cfg, dm, tracker, history.rows, summary, run_dir)
         if cfg.logger.log_model:
             info = tracker.log_model(
                 ProbabilityModel(model_cpu, cfg.data.task),
                 dm.tensors["val"][0][:5].numpy(),
+                step=selected,
                 registered_name=cfg.logger.registered_model,
             )
             metrics_out["mlflow_model_uri"] = info.model_uri
+        tracker.log_dict(metrics_out, "metrics.json")
         tracker.finish()
     # Written last: a metrics.json means the run, its outputs and its tracking are complete.
     write_json(run_dir / "metrics.json", metrics_out)
@@ -464,6 +505,41 @@ def _fit(
         wall,
     )
     return value
+
+
+def metrics_file_key(key: str) -> str:
+    """The metrics.json name of an MLflow summary key: ``fit/best_epoch`` -> ``best_epoch``,
+    ``model/n_params`` -> ``n_params``, ``best/val/loss`` -> ``best_val_loss``."""
+    group, _, rest = key.partition("/")
+    return rest if group in ("fit", "model") else key.replace("/", "_")
+
+
+def _log_run_record(
+    cfg: DictConfig, dm, tracker, rows: list[dict[str, float]], summary: dict[str, float], run_dir
+) -> None:
+    """Everything a reviewer reads in the MLflow UI besides the curves: summary metrics at
+    the selected epoch, the dataset, the verdict and description, and the run's files."""
+    from fitscope.report.study import describe_run, own_verdict, run_figure
+
+    selected = int(summary["fit/best_epoch"])
+    tracker.log_summary(summary, step=selected)
+    manifest = json.loads(dm.manifest_path.read_text())
+    tracker.log_dataset(
+        name=cfg.data.name,
+        source=str(Path(cfg.data.dir).resolve()),
+        digest=dm.manifest_sha256(),
+        profile={s: v.get("rows") for s, v in manifest.get("splits", {}).items()},
+        context="training",
+    )
+    verdict = own_verdict(rows)
+    note = describe_run(cfg.variant, cfg.profile, verdict, summary, summary, provisional=True)
+    tracker.set_tags({"fitscope.verdict": verdict, "mlflow.note.content": note})
+    tracker.log_artifact(run_dir / "history.csv")
+    tracker.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/resolved.yaml")
+    if (run_dir / ".hydra").is_dir():
+        tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
+    figure = run_figure(rows, cfg.variant, selected, run_dir / "learning_curves.png")
+    tracker.log_artifact(figure)
 
 
 def _finite(value: float | None, name: str) -> float:
@@ -498,7 +574,7 @@ class MlflowSweepCallback(Callback):
         from fitscope import tracking
 
         client = tracking.get_client()
-        exp_id = tracking.ensure_experiment(client, config.study)
+        exp_id = tracking.ensure_experiment(client, config.study, study_description(config))
         overrides = list(config.hydra.overrides.task)
         # The same sweep finds its parent again when restarted, even with another launcher,
         # more trials or more parallel jobs: only what defines the jobs goes into the key.
@@ -510,17 +586,22 @@ class MlflowSweepCallback(Callback):
         }
         # An explicit key (the DVC study sets one) groups the sweeps of one pipeline run
         # under one parent: same key and same git commit.
-        key = (
-            tracking.commit_parent_key(config.tracking.parent_key, tracking.git_state()[0])
-            if config.tracking.parent_key
-            else tracking.config_hash(identity)
-        )
+        source = tracking.source_tags(_entry())
+        commit = source["mlflow.source.git.commit"]
+        tags = {"fitscope.study": config.study, "fitscope.profile": config.profile, **source}
+        if config.tracking.parent_key:
+            # Several stages share this parent, each with its own overrides: those are on
+            # each child run, not here.
+            key = tracking.commit_parent_key(config.tracking.parent_key, commit)
+        else:
+            key = tracking.config_hash(identity)
+            tags["fitscope.overrides"] = " ".join(overrides)
         parent = tracking.find_or_create_parent(
             client,
             exp_id,
             key,
-            run_name=f"{config.study}-sweep",
-            tags={"fitscope.study": config.study, "fitscope.overrides": " ".join(overrides)},
+            run_name=parent_run_name(config.study, config.profile, commit),
+            tags=tags,
         )
         # Jobs (also joblib/loky workers, started after this hook) inherit the variable.
         os.environ[tracking.PARENT_ENV] = parent

@@ -119,8 +119,9 @@ class FitModule(pl.LightningModule):
         if self._train_out:
             n_batches = len(self._train_out)
             metrics.update({f"train/{k}": v for k, v in self._summarise(self._train_out).items()})
-            metrics["train/l2_penalty"] = (self._penalty_sum / n_batches).item()
-            metrics["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+            if self.l2:  # without L2 it is an all-zero series: not logged at all
+                metrics["train/l2_penalty"] = (self._penalty_sum / n_batches).item()
+            metrics["optimizer/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
             self._penalty_sum = torch.zeros(())
         # Set before the finiteness check: EpochHistory keeps the failing epoch's row.
         self.epoch_metrics = {"epoch": self.current_epoch, **metrics}

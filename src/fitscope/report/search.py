@@ -81,7 +81,7 @@ def load_trials(client, parent) -> list[Trial]:
                 lr=float(p["optimizer.lr"]),
                 weight_decay=2 * float(p["regularization.l2"]),
                 objective=m.get(OBJECTIVE) if run.info.status == "FINISHED" else None,
-                best_epoch=int(m["best_epoch"]) if "best_epoch" in m else None,
+                best_epoch=int(m["fit/best_epoch"]) if "fit/best_epoch" in m else None,
                 epochs=int(p.get("trainer.max_epochs", 0)),
             )
         )

@@ -53,6 +53,46 @@ def verdict(
     return "good fit"
 
 
+def own_verdict(history: list[dict[str, float]]) -> str:
+    """The verdict of one run on its own (at training time, before the report compares the
+    dataset's variants): its own lowest validation loss is the underfitting floor."""
+    return verdict(history, min(r["val/loss"] for r in history))
+
+
+def _figures(values: dict[str, float], prefix: str) -> str:
+    """``loss 0.6058, acc 0.6720, AUROC 0.7301`` from ``{prefix}loss`` etc."""
+    names = {"loss": "loss", "acc": "acc", "auroc": "AUROC"}
+    shown = [(label, values.get(prefix + key)) for key, label in names.items()]
+    return ", ".join(f"{label} {value:.4f}" for label, value in shown if value is not None)
+
+
+def describe_run(
+    variant: str,
+    profile: str,
+    verdict_: str,
+    fit: dict[str, float],
+    best: dict[str, float],
+    test: dict[str, float] | None = None,
+    provisional: bool = False,
+) -> str:
+    """A run's description for the MLflow UI (``mlflow.note.content``), in two lines.
+
+    ``fit`` holds ``fit/best_epoch``, ``fit/stopped_epoch``, ``fit/early_stopped``;
+    ``best`` the ``best/val/*`` metrics; ``test`` the ``test/*`` ones once evaluated.
+    """
+    early = "early stopping" if fit.get("fit/early_stopped") else "epoch limit"
+    basis = " (against its own best val loss; the study report compares variants)"
+    line1 = (
+        f"**{variant}** ({profile} profile): **{verdict_}**{basis if provisional else ''}. "
+        f"Selected epoch {int(fit['fit/best_epoch'])}, stopped at epoch "
+        f"{int(fit['fit/stopped_epoch'])} ({early})."
+    )
+    line2 = f"Val at the selected epoch: {_figures(best, 'best/val/')}"
+    if test:
+        line2 += f". Test: {_figures(test, 'test/')}"
+    return f"{line1}\n\n{line2}."
+
+
 @dataclass
 class VariantResult:
     name: str
@@ -114,7 +154,7 @@ def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str
         n = len(r.runs)
         row = {
             "variant": r.name,
-            "params": str(int(r.runs[0]["params"])),
+            "params": str(int(r.runs[0]["n_params"])),
             "val loss": _fmt(*r.stat("best_val_loss"), n),
             "val acc": _fmt(*r.stat("best_val_acc"), n),
         }
@@ -138,6 +178,30 @@ def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str
     return rows
 
 
+def _curve_pair(ax, hist: list[dict[str, float]], key: str, color: str, label: str) -> None:
+    """Train (dashed) and validation (solid) of one quantity, as every figure draws them."""
+    epochs = [h["epoch"] + 1 for h in hist]
+    ax.plot(epochs, [h[f"train/{key}"] for h in hist], "--", color=color, label=f"{label}train")
+    ax.plot(epochs, [h[f"val/{key}"] for h in hist], "-", color=color, label=f"{label}val")
+
+
+def run_figure(hist: list[dict[str, float]], title: str, selected: int, path: Path) -> Path:
+    """One run's learning curves: train vs validation loss and accuracy, the selected epoch
+    marked (logged with the run, drawn the way the report draws a study)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, name in zip(axes, ("loss", "acc"), ("loss", "accuracy"), strict=True):
+        _curve_pair(ax, hist, key, "C0", "")
+        ax.axvline(selected + 1, color="grey", lw=0.8, ls=":", label="selected epoch")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: train (dashed) vs validation (solid)", fontsize=10)
+    save_png(fig, path)
+    return path
+
+
 def _figure(results: list[VariantResult], study: str, path: Path) -> Path:
     plt = pyplot()
     members = [r for r in results if r.study == study]
@@ -146,14 +210,7 @@ def _figure(results: list[VariantResult], study: str, path: Path) -> Path:
     mnist = members[0].dataset == "mnist"
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(members):
-        hist = r.histories[0]
-        color = f"C{i}"
-        epochs = [h["epoch"] + 1 for h in hist]
-        key = "acc" if mnist else "loss"
-        ax.plot(
-            epochs, [h[f"train/{key}"] for h in hist], "--", color=color, label=f"{r.name} train"
-        )
-        ax.plot(epochs, [h[f"val/{key}"] for h in hist], "-", color=color, label=f"{r.name} val")
+        _curve_pair(ax, r.histories[0], "acc" if mnist else "loss", f"C{i}", f"{r.name} ")
     ax.set_xscale("log")
     ax.set_xlabel("epoch (log scale)")
     ax.set_ylabel("accuracy" if mnist else "binary cross-entropy")
@@ -188,28 +245,102 @@ def champion(results: list[VariantResult], dataset: str) -> VariantResult:
     )
 
 
-def register_champions(results: list[VariantResult]) -> dict[str, str]:
-    """Register each dataset's ``champion`` variant as ``models:/fitscope-<dataset>@champion``."""
-    from fitscope.tracking import get_client
+def registry_alias(profile: str) -> str:
+    """``champion`` only for the classic protocol; a shortened profile gets its own alias."""
+    return "champion" if profile == "classic" else profile
+
+
+def register_champions(results: list[VariantResult], profile: str) -> dict[str, str]:
+    """Register each dataset's best variant (lowest mean best-val-loss) under the profile's
+    alias (``@champion`` for classic), with the profile, commit, variant, test metrics
+    and verdict as version tags and description."""
+    from fitscope.tracking import get_client, register_version
 
     champions = {}
     client = None
+    alias = registry_alias(profile)
     for dataset in sorted({r.dataset for r in results}):
         best = champion(results, dataset)
-        run = min(best.runs, key=lambda x: x["best_val_loss"])
+        seed = min(range(len(best.runs)), key=lambda i: best.runs[i]["best_val_loss"])
+        run = best.runs[seed]
         model_uri = run.get("mlflow_model_uri")
         if not model_uri:
             continue
         client = client or get_client()
-        name = f"fitscope-{dataset}"
-        if not client.search_registered_models(f"name = '{name}'"):
-            client.create_registered_model(name, description=f"Best {dataset} variant")
-        version = client.create_model_version(
-            name, model_uri, run_id=run["mlflow_run_id"], tags={"fitscope.variant": best.name}
+        tracked = client.get_run(run["mlflow_run_id"])
+        commit = tracked.data.tags.get("mlflow.source.git.commit", "unknown")
+        test = {k: v for k, v in tracked.data.metrics.items() if k.startswith("test/")}
+        tags = {
+            "fitscope.profile": profile,
+            "fitscope.variant": best.name,
+            "fitscope.study": best.study,
+            "fitscope.commit": commit,
+            "fitscope.verdict": best.verdicts[seed],
+            **{k: f"{v:.4f}" for k, v in sorted(test.items()) if "class" not in k},
+        }
+        description = (
+            f"{best.name} from the {profile} profile at commit {commit[:7]}, verdict "
+            f"{best.verdicts[seed]}. Test: {_figures(test, 'test/')}; val at the selected "
+            f"epoch {int(run['best_epoch'])}: loss {run['best_val_loss']:.4f}."
         )
-        client.set_registered_model_alias(name, "champion", version.version)
-        champions[dataset] = f"models:/{name}@champion = {best.name} (version {version.version})"
+        name = f"fitscope-{dataset}"
+        version = register_version(
+            client,
+            name,
+            model_uri,
+            run["mlflow_run_id"],
+            alias,
+            tags,
+            description,
+            model_description=f"Best {dataset} variant of each study run; @champion is the "
+            "classic protocol's, other profiles have their own alias (@quick, @debug).",
+        )
+        champions[dataset] = f"models:/{name}@{alias} = {best.name} (version {version})"
     return champions
+
+
+def annotate_mlflow_runs(
+    results: list[VariantResult],
+    profile: str,
+    tables: dict[str, list[dict[str, str]]],
+    files: dict[str, list[Path]],
+) -> None:
+    """Put the report's answers where `mlflow ui` shows them.
+
+    Each variant's run gets the study verdict (``fitscope.verdict``) and a description
+    with its val and test figures; each study's parent run gets the report (``files``:
+    per study) and a description holding the study's comparison table.
+    """
+    from fitscope.tracking import NOTE_TAG, RunTracker, get_client
+
+    client = None
+    parents: dict[str, set[str]] = {}
+    for r in results:
+        for run, run_verdict in zip(r.runs, r.verdicts, strict=True):
+            if not run.get("mlflow_run_id"):
+                continue
+            client = client or get_client()
+            tracked = client.get_run(run["mlflow_run_id"])
+            metrics = tracked.data.metrics
+            note = describe_run(r.name, profile, run_verdict, metrics, metrics, metrics)
+            tracker = RunTracker(client, run["mlflow_run_id"])
+            tracker.set_tags({"fitscope.verdict": run_verdict, NOTE_TAG: note})
+            if "mlflow.parentRunId" in tracked.data.tags:
+                parents.setdefault(r.study, set()).add(tracked.data.tags["mlflow.parentRunId"])
+    for study, parent_ids in parents.items():
+        names = {r.name for r in results if r.study == study}
+        dataset = next(r.dataset for r in results if r.study == study)
+        rows = [row for row in tables[dataset] if row["variant"] in names]
+        note = (
+            f"Study report of **{study}** ({profile} profile): the variants compared at "
+            f"their selected epochs; `study.md` / `study.html` in the artifacts.\n\n"
+            f"{_table_md(rows)}"
+        )
+        for parent_id in parent_ids:
+            tracker = RunTracker(client, parent_id)
+            tracker.set_tags({NOTE_TAG: note})
+            for path in files[study]:
+                tracker.log_artifact(path, "report")
 
 
 def _table_md(rows: list[dict[str, str]]) -> str:
@@ -243,7 +374,7 @@ def write_study_report(
         s: _figure(results, s, out / f"{s}.png") for s in dict.fromkeys(r.study for r in results)
     }
     _write_curves(results, out)
-    champions = register_champions(results)
+    champions = register_champions(results, profile)
     tables = {d: comparison_rows(results, d) for d in dict.fromkeys(r.dataset for r in results)}
     lines: list[list[str]] = []
     for dataset, rows in tables.items():  # one header row per dataset: columns differ
@@ -311,4 +442,8 @@ def write_study_report(
     )
     with atomic_path(out / "study.html") as tmp:
         tmp.write_text(page)
+    shared = [out / "study.md", out / "study.html", out / "comparison.csv"]
+    annotate_mlflow_runs(
+        results, profile, tables, {s: [*shared, png] for s, png in figures.items()}
+    )
     return out / "study.md"

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fitscope.report.study import champion, comparison_rows, load_results
+from fitscope.report.study import champion, comparison_rows, load_results, registry_alias
 
 # The terminal shows these columns of the report's table (the report has them all).
 COLUMNS = (
@@ -62,9 +62,10 @@ def print_summary(
         best = champion(results, dataset)
         mean, _ = best.stat("best_val_loss")
         registered = any(run.get("mlflow_model_uri") for run in best.runs)
-        alias = f", registered as models:/fitscope-{dataset}@champion" if registered else ""
+        uri = f"models:/fitscope-{dataset}@{registry_alias(profile)}"
+        alias = f", registered as {uri}" if registered else ""
         con.print(f"champion {dataset}: {best.name} (best val loss {mean:.4f}{alias})")
     out = Path(out)
     con.print(f"report:  {out / 'study.md'}  (self-contained: {out / 'study.html'})")
     con.print(f"figures: {out}/*.png, curves for `dvc plots show` in {out / 'curves'}")
-    con.print("MLflow:  mlflow ui, then open http://127.0.0.1:5000")
+    con.print("MLflow:  .venv/bin/mlflow ui, then open http://127.0.0.1:5000 (Model training view)")
