@@ -18,7 +18,7 @@ from fitscope.train import _run_config, train
 
 # One run's line: epochs done / max, current and best val loss, patience, rate, time left.
 TRAIN_LINE = re.compile(
-    r"^(?P<label>tiny-none seed 0): epochs (?P<done>\d+)/(?P<max>\d+) done, "
+    r"^(?P<label>higgs-tiny seed 0): epochs (?P<done>\d+)/(?P<max>\d+) done, "
     r"val/loss (?P<val>\d\.\d{4}), best (?P<best>\d\.\d{4}) at epoch (?P<best_epoch>\d+), "
     r"patience (?P<left>\d+)/(?P<patience>\d+), (?P<rate>[\d.]+) epochs/s, "
     r"≤ (?P<eta>[\d:]+) left$"
@@ -135,7 +135,7 @@ def test_summary_prints_the_metrics_files_and_imports_no_training_stack(tmp_path
                 hist + f"1,0.5,{best},0.6,0.6\n2,0.4,{best + 0.05},0.7,0.6\n"
             )
             run = {
-                "params": 481,
+                "n_params": 481,
                 "best_val_loss": best + seed / 100,
                 "best_val_acc": 0.6,
                 "best_val_auroc": 0.65,
