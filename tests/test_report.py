@@ -143,7 +143,7 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
     assert "| higgs-a | 481 | 0.6100 ± 0.0141 |" in text
     assert "| higgs-b | 481 | 0.6500 ± 0.0000 |" in text
     assert f"{run_ids['higgs-a', 0]}, {run_ids['higgs-a', 1]}" in text
-    assert (tmp_path / "reports" / "s1.png").stat().st_size > 10_000
+    assert (tmp_path / "reports" / "figures" / "s1.png").stat().st_size > 10_000
     html = (tmp_path / "reports" / "study.html").read_text()
     assert "data:image/png;base64," in html and "higgs-b" in html
     with open(tmp_path / "reports" / "curves" / "higgs-a.csv") as fh:

@@ -365,13 +365,16 @@ def write_study_report(
     metrics_dir: str | Path = "metrics",
     out: str | Path = "reports",
 ) -> Path:
-    """Write reports/study.md, study.html, the figures, comparison.csv and curves/*.csv."""
+    """Write reports/study.md, study.html, figures/*.png, comparison.csv and curves/*.csv
+    (each a DVC output of its own: other files in reports/, such as make bench's
+    bench.json, are not the report stage's)."""
     out = Path(out)
     results = load_results(params, Path(runs_root), Path(metrics_dir))
     study = params.get("study") or {}
     profile = study.get("profile", "classic")
     figures = {
-        s: _figure(results, s, out / f"{s}.png") for s in dict.fromkeys(r.study for r in results)
+        s: _figure(results, s, out / "figures" / f"{s}.png")
+        for s in dict.fromkeys(r.study for r in results)
     }
     _write_curves(results, out)
     champions = register_champions(results, profile)
@@ -396,8 +399,9 @@ def write_study_report(
         f"Seeds per variant: {seeds}"
         + (" (values are mean ± std)" if seeds > 1 else "")
         + ". Validation = the split early stopping watches; test = the held-out split "
-        "scored once by the evaluate stage. Val columns are at the selected epoch: the best "
-        "one, whose weights were restored (HIGGS presets), or the last one (the MNIST presets "
+        "scored once, by the training job, with the restored weights. Val columns are at "
+        "the selected epoch: the best one, whose weights were restored (HIGGS presets), "
+        "or the last one (the MNIST presets "
         "train a fixed number of epochs, as the classic experiments did; there the 100 "
         "held-out validation digits play the role of the classic test curve). Binary "
         "accuracy thresholds the probability at 0.5.\n",
@@ -407,7 +411,7 @@ def write_study_report(
         md += [f"## {dataset.upper()}\n", _table_md(rows), ""]
     md.append("## Learning curves\n")
     for study_name, png in figures.items():
-        md += [f"### {study_name}\n", f"![{study_name}]({png.name})\n"]
+        md += [f"### {study_name}\n", f"![{study_name}](figures/{png.name})\n"]
     md.append("## Registered champions\n")
     md += [f"- {d}: `{c}`" for d, c in champions.items()] or ["- none (runs were not tracked)"]
     md.append("\nCompare runs interactively: `mlflow ui` (then http://127.0.0.1:5000).\n")

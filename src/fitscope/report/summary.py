@@ -67,5 +67,5 @@ def print_summary(
         con.print(f"champion {dataset}: {best.name} (best val loss {mean:.4f}{alias})")
     out = Path(out)
     con.print(f"report:  {out / 'study.md'}  (self-contained: {out / 'study.html'})")
-    con.print(f"figures: {out}/*.png, curves for `dvc plots show` in {out / 'curves'}")
+    con.print(f"figures: {out / 'figures'}/*.png, curves for `dvc plots show` in {out / 'curves'}")
     con.print("MLflow:  .venv/bin/mlflow ui, then open http://127.0.0.1:5000 (Model training view)")
