@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose, last_error_line, run_train, runs_of
+from test_precision import expected_auto_precision
 
 from fitscope import tracking
 from fitscope.errors import FitscopeError
@@ -50,12 +51,15 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     ):
         assert tags[key], key
     assert tags["fitscope.dataset"] == "higgs"
+    # trainer.precision=auto (the default) resolved on this machine, recorded in both places.
+    assert tags["fitscope.precision"] == expected_auto_precision("cpu")
     history = client.get_metric_history(run.info.run_id, "val/loss")
     assert [h.step for h in history] == [0, 1, 2]
     assert m["train/l2_penalty"] > 0
     assert value == pytest.approx(m["best/val/loss"])
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["mlflow_run_id"] == run.info.run_id
+    assert summary["precision"] == tags["fitscope.precision"]
     assert summary["best_gap_loss"] == pytest.approx(
         summary["best_val_loss"] - summary["best_train_loss"]
     )

@@ -181,7 +181,8 @@ class TrainerConfig(Section):
     max_epochs: int = ranged(low=1, integer=True)
     deterministic: bool = True
     num_threads: int = ranged(low=1, high=1024, integer=True)
-    precision: str = one_of("32-true", "bf16-mixed", "16-mixed")
+    # auto: bf16-mixed where the hardware has native bf16, else 32-true (fitscope.precision)
+    precision: str = one_of("auto", "32-true", "bf16-mixed", "16-mixed")
 
     def check_rules(self) -> None:
         if self.precision == "16-mixed" and self.accelerator != "gpu":

@@ -93,6 +93,7 @@ def train(cfg: DictConfig) -> float:
 
     from fitscope import lifecycle, tracking
     from fitscope.datamodules import ArrayDataModule
+    from fitscope.precision import resolve_precision
     from fitscope.training import InterruptWatch
 
     run_dir = Path(cfg.paths.run_dir)
@@ -105,7 +106,7 @@ def train(cfg: DictConfig) -> float:
     )
     chash = tracking.config_hash(_run_config(cfg))
     ckpt_dir = _checkpoint_dir(cfg, chash)
-    opened = _Opened()
+    opened = _Opened(precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator))
     outcome = "failed"
     fitting = False  # set once training starts: only then can a failure spoil the checkpoint
     try:
@@ -130,7 +131,16 @@ def train(cfg: DictConfig) -> float:
             with guard.shield():  # a signal waits until the run to continue is settled
                 resume = _resume_point(cfg, chash, ckpt_dir, opened)
             fitting = True
-            value = _fit(cfg, dm, run_dir, opened.tracker, [watch], ckpt_dir=ckpt_dir, **resume)
+            value = _fit(
+                cfg,
+                dm,
+                run_dir,
+                opened.tracker,
+                [watch],
+                ckpt_dir=ckpt_dir,
+                precision=opened.precision,
+                **resume,
+            )
             if not cfg.callbacks.checkpoint.keep:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
             outcome = "ok"
@@ -210,6 +220,7 @@ class _Opened:
     client: Any = None
     tracker: Any = None  # the run (tracking.RunTracker), once the config is claimed
     own_parent: str | None = None  # a parent run this run opened itself
+    precision: str = "32-true"  # trainer.precision as resolved on this machine (auto)
 
 
 def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
@@ -228,6 +239,7 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
         "fitscope.data_manifest_sha256": dm.manifest_sha256(),
         "mlflow.source.git.commit": commit,
         "fitscope.git_dirty": str(dirty).lower(),
+        "fitscope.precision": opened.precision,
         **_job_info(),
     }
     parent = os.environ.get(tracking.PARENT_ENV)
@@ -290,6 +302,7 @@ def _fit(
     extra_callbacks=(),
     *,
     ckpt_dir: Path,
+    precision: str,
     resume_from: Path | None = None,
     logged_through: int = -1,
 ) -> float:
@@ -368,7 +381,7 @@ def _fit(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         deterministic=cfg.trainer.deterministic,
-        precision=cfg.trainer.precision,
+        precision=precision,
         progress_bar=cfg.callbacks.progress_bar,
         root_dir=str(run_dir),
     )
@@ -411,6 +424,7 @@ def _fit(
             )
     metrics_out: dict[str, Any] = {k.replace("/", "_"): v for k, v in summary.items()}
     metrics_out["seed"] = cfg.seed
+    metrics_out["precision"] = precision
     if tracker is not None:
         metrics_out["mlflow_run_id"] = tracker.run_id
         tracker.log_summary(summary)
