@@ -317,6 +317,7 @@ def _fit(
         MlflowEpochLogger,
         PeriodicCheckpoint,
         RestoreBestWeights,
+        ReturnToMain,
         build_trainer,
     )
 
@@ -356,12 +357,26 @@ def _fit(
             check_finite=False,
         )
         callbacks.append(early)
+    mlflow_logger = None
     if tracker is not None:
-        callbacks.append(
-            MlflowEpochLogger(
-                tracker, history, every=cfg.logger.flush_every, logged_through=logged_through
-            )
+        mlflow_logger = MlflowEpochLogger(
+            tracker, history, every=cfg.logger.flush_every, logged_through=logged_through
         )
+        callbacks.append(mlflow_logger)
+    returned = ReturnToMain(
+        run_dir / ".ddp_callbacks.pt",
+        {
+            name: cb
+            for name, cb in (
+                ("history", history),
+                ("restore", restore),
+                ("early", early),
+                ("mlflow", mlflow_logger),
+            )
+            if cb is not None
+        },
+    )
+    callbacks.append(returned)
     ckpt_cfg = cfg.callbacks.checkpoint
     if ckpt_cfg.every_s is not None or ckpt_cfg.every_epochs is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -382,12 +397,18 @@ def _fit(
         devices=cfg.trainer.devices,
         deterministic=cfg.trainer.deterministic,
         precision=precision,
+        strategy=cfg.trainer.strategy,
         progress_bar=cfg.callbacks.progress_bar,
         root_dir=str(run_dir),
     )
+    if cfg.trainer.strategy == "ddp_spawn":
+        # Spawned workers start fresh: torch reads its thread count from the environment.
+        os.environ["OMP_NUM_THREADS"] = str(cfg.trainer.num_threads)
+        Path(returned.path).unlink(missing_ok=True)
     started = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
+    returned.restore()  # the workers' history and best epoch (ddp_spawn); no-op otherwise
     if not history.rows:
         raise FitscopeError("training produced no epochs. Fix: check trainer.max_epochs")
 
