@@ -26,6 +26,10 @@ def test_two_process_sweep_matches_one_process_and_logs_once(processed_dir, tmp_
             "seed=0,1",
             "study=t_ddp",
             "logger.log_model=false",
+            # A resume checkpoint every 2 epochs: every rank takes part, rank 0 writes.
+            "callbacks.checkpoint.every_epochs=2",
+            "callbacks.checkpoint.keep=true",
+            f"callbacks.checkpoint.dir={tmp_path / 'ckpt'}",
             f"paths.data_dir={processed_dir}",
             f"hydra.sweep.dir={sweep}",
         ],
@@ -38,6 +42,7 @@ def test_two_process_sweep_matches_one_process_and_logs_once(processed_dir, tmp_
     parents, children = runs_of(client, "t_ddp")
     assert len(parents) == 1 and len(children) == 2
     assert all(c.info.status == "FINISHED" for c in children)
+    assert len(list((tmp_path / "ckpt").rglob("last.ckpt"))) == 2
     for child in children:
         # Rank 0 alone logs: one value per epoch, no duplicated steps.
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")]

@@ -364,6 +364,9 @@ def study_minutes(profile: str) -> float:
         for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "s"]):
             subprocess.run(cmd, cwd=copy, check=True, capture_output=True)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}"}
+        # The stages import the copy's code, whichever checkout the venv was installed from.
+        paths = [str(copy / "src"), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
         env.pop("FITSCOPE_PARENT_RUN_ID", None)
         dvc = Path(sys.executable).with_name("dvc")
         start = time.perf_counter()

@@ -357,24 +357,16 @@ def _fit(
             check_finite=False,
         )
         callbacks.append(early)
-    mlflow_logger = None
     if tracker is not None:
-        mlflow_logger = MlflowEpochLogger(
-            tracker, history, every=cfg.logger.flush_every, logged_through=logged_through
-        )
-        callbacks.append(mlflow_logger)
-    returned = ReturnToMain(
-        run_dir / ".ddp_callbacks.pt",
-        {
-            name: cb
-            for name, cb in (
-                ("history", history),
-                ("restore", restore),
-                ("early", early),
-                ("mlflow", mlflow_logger),
+        callbacks.append(
+            MlflowEpochLogger(
+                tracker, history, every=cfg.logger.flush_every, logged_through=logged_through
             )
-            if cb is not None
-        },
+        )
+    # What the summary below reads (rank 0 logged to MLflow itself).
+    kept = {"history": history, "restore": restore, "early": early}
+    returned = ReturnToMain(
+        run_dir / ".ddp_callbacks.pt", {k: v for k, v in kept.items() if v is not None}
     )
     callbacks.append(returned)
     ckpt_cfg = cfg.callbacks.checkpoint
@@ -406,7 +398,13 @@ def _fit(
         os.environ["OMP_NUM_THREADS"] = str(cfg.trainer.num_threads)
         Path(returned.path).unlink(missing_ok=True)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    except torch.multiprocessing.ProcessRaisedException as exc:
+        # A DDP worker's error reaches this process as the text of its traceback: kept in
+        # the log, and its last line (the error itself) becomes the run's one-line failure.
+        log.error("a DDP worker failed:%s", exc)
+        raise FitscopeError(f"a DDP worker failed: {str(exc).strip().splitlines()[-1]}") from None
     wall = time.perf_counter() - started
     returned.restore()  # the workers' history and best epoch (ddp_spawn); no-op otherwise
     if not history.rows:

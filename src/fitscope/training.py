@@ -337,12 +337,6 @@ class MlflowEpochLogger(pl.Callback):
         if trainer.is_global_zero:
             self.flush()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"logged_through": self.logged_through}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.logged_through = state_dict["logged_through"]
-
 
 class RestoreBestWeights(pl.Callback):
     """Keeps a copy of the weights of the best epoch and loads them when training ends.
@@ -404,7 +398,17 @@ class PeriodicCheckpoint(Checkpoint):
         return self.every_s is not None and time.monotonic() - self.last_save >= self.every_s
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self._due(trainer.current_epoch):
+        if trainer.sanity_checking:
+            return
+        due = self._due(trainer.current_epoch)
+        if trainer.world_size > 1:
+            # Under DDP every rank must call save_checkpoint (it ends in a barrier): rank 0's
+            # clock decides for all.
+            due = trainer.strategy.broadcast(due, src=0)
+        if not due:
+            return
+        if not trainer.is_global_zero:
+            trainer.save_checkpoint(self.path)  # writes nothing off rank 0; joins the barrier
             return
         # Lightning's own "atomic" save moves a file from $TMPDIR, which is a copy when that
         # is another filesystem: a temporary file beside the target, renamed, is atomic.
