@@ -55,8 +55,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
+# Prints the figures and merges them into reports/bench.json; BENCH_ARGS=--study also
+# times the classic study (dvc repro) in a scratch copy.
 bench: install
-	$(BIN)/python -m fitscope.bench
+	$(BIN)/python -m fitscope.bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose, last_error_line, run_train, runs_of
+from test_precision import expected_auto_precision
 
 from fitscope import tracking
 from fitscope.errors import FitscopeError
@@ -52,6 +53,8 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     ):
         assert tags[key], key
     assert tags["fitscope.dataset"] == "higgs"
+    # trainer.precision=auto (the default) resolved on this machine, recorded in both places.
+    assert tags["fitscope.precision"] == expected_auto_precision("cpu")
     history = client.get_metric_history(run.info.run_id, "val/loss")
     assert [h.step for h in history] == [0, 1, 2]
     assert m["train/l2_penalty"] > 0
@@ -61,6 +64,7 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     # The test split is scored by the training process: in metrics.json and the run.
     assert summary["test_loss"] == pytest.approx(m["test/loss"]) and 0 < m["test/loss"] < 5
     assert 0 <= summary["test_auroc"] <= 1 and m["train_eval/loss"] == summary["train_eval_loss"]
+    assert summary["precision"] == tags["fitscope.precision"]
     assert summary["best_gap_loss"] == pytest.approx(
         summary["best_val_loss"] - summary["best_train_loss"]
     )

@@ -86,6 +86,14 @@ class ArrayDataModule(pl.LightningDataModule):
         # checkpoints (state_dict below), so a resumed run sees the same batches.
         self.generator = torch.Generator().manual_seed(seed)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DDP workers (ddp_spawn) receive a pickled copy: they load the splits themselves in
+        # setup() rather than receive them through shared memory, which failed here
+        # ("unable to resize file") and would copy a full-scale dataset per worker.
+        state = self.__dict__.copy()
+        state["tensors"] = {}
+        return state
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
 

@@ -181,9 +181,18 @@ class TrainerConfig(Section):
     max_epochs: int = ranged(low=1, integer=True)
     deterministic: bool = True
     num_threads: int = ranged(low=1, high=1024, integer=True)
-    precision: str = one_of("32-true", "bf16-mixed", "16-mixed")
+    # auto: bf16-mixed where the hardware has native bf16, else 32-true (fitscope.precision)
+    precision: str = one_of("auto", "32-true", "bf16-mixed", "16-mixed")
+    # ddp_spawn: `devices` processes train while this one waits; plain `ddp` would re-run
+    # the command line (a whole Hydra sweep) in every rank, so it is not offered.
+    strategy: str = one_of("auto", "ddp_spawn")
 
     def check_rules(self) -> None:
+        if self.devices > 1 and self.strategy != "ddp_spawn":
+            raise FitscopeError(
+                f"trainer.devices={self.devices} needs trainer.strategy=ddp_spawn. Fix: use "
+                "trainer=ddp_cpu (CPU) or add trainer.strategy=ddp_spawn"
+            )
         if self.precision == "16-mixed" and self.accelerator != "gpu":
             raise FitscopeError(
                 "trainer.precision=16-mixed needs trainer=gpu. Fix: use 32-true or bf16-mixed "

@@ -131,6 +131,7 @@ def train(cfg: DictConfig) -> float:
 
     from fitscope import lifecycle, tracking
     from fitscope.datamodules import ArrayDataModule
+    from fitscope.precision import resolve_precision
     from fitscope.training import InterruptWatch
 
     run_dir = Path(cfg.paths.run_dir)
@@ -143,7 +144,7 @@ def train(cfg: DictConfig) -> float:
     )
     chash = tracking.config_hash(_run_config(cfg))
     ckpt_dir = _checkpoint_dir(cfg, chash)
-    opened = _Opened()
+    opened = _Opened(precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator))
     outcome = "failed"
     fitting = False  # set once training starts: only then can a failure spoil the checkpoint
     try:
@@ -168,7 +169,16 @@ def train(cfg: DictConfig) -> float:
             with guard.shield():  # a signal waits until the run to continue is settled
                 resume = _resume_point(cfg, chash, ckpt_dir, opened)
             fitting = True
-            value = _fit(cfg, dm, run_dir, opened.tracker, [watch], ckpt_dir=ckpt_dir, **resume)
+            value = _fit(
+                cfg,
+                dm,
+                run_dir,
+                opened.tracker,
+                [watch],
+                ckpt_dir=ckpt_dir,
+                precision=opened.precision,
+                **resume,
+            )
             if not cfg.callbacks.checkpoint.keep:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
             outcome = "ok"
@@ -248,6 +258,7 @@ class _Opened:
     client: Any = None
     tracker: Any = None  # the run (tracking.RunTracker), once the config is claimed
     own_parent: str | None = None  # a parent run this run opened itself
+    precision: str = "32-true"  # trainer.precision as resolved on this machine (auto)
 
 
 def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
@@ -268,6 +279,7 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
         "fitscope.overrides": " ".join(_task_overrides()),
         "fitscope.data_manifest_sha256": dm.manifest_sha256(),
         **source,
+        "fitscope.precision": opened.precision,
         **_job_info(),
     }
     parent = os.environ.get(tracking.PARENT_ENV)
@@ -331,6 +343,7 @@ def _fit(
     extra_callbacks=(),
     *,
     ckpt_dir: Path,
+    precision: str,
     resume_from: Path | None = None,
     logged_through: int = -1,
 ) -> float:
@@ -348,6 +361,7 @@ def _fit(
         MlflowEpochLogger,
         PeriodicCheckpoint,
         RestoreBestWeights,
+        ReturnToMain,
         build_trainer,
     )
 
@@ -410,6 +424,12 @@ def _fit(
                 tracker, history, every=cfg.logger.flush_every, logged_through=logged_through
             )
         )
+    # What the summary below reads (rank 0 logged to MLflow itself).
+    kept = {"history": history, "restore": restore, "early": early}
+    returned = ReturnToMain(
+        run_dir / ".ddp_callbacks.pt", {k: v for k, v in kept.items() if v is not None}
+    )
+    callbacks.append(returned)
     ckpt_cfg = cfg.callbacks.checkpoint
     if ckpt_cfg.every_s is not None or ckpt_cfg.every_epochs is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -429,13 +449,25 @@ def _fit(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         deterministic=cfg.trainer.deterministic,
-        precision=cfg.trainer.precision,
+        precision=precision,
+        strategy=cfg.trainer.strategy,
         progress_bar=cfg.callbacks.progress_bar,
         root_dir=str(run_dir),
     )
+    if cfg.trainer.strategy == "ddp_spawn":
+        # Spawned workers start fresh: torch reads its thread count from the environment.
+        os.environ["OMP_NUM_THREADS"] = str(cfg.trainer.num_threads)
+        Path(returned.path).unlink(missing_ok=True)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    except torch.multiprocessing.ProcessRaisedException as exc:
+        # A DDP worker's error reaches this process as the text of its traceback: kept in
+        # the log, and its last line (the error itself) becomes the run's one-line failure.
+        log.error("a DDP worker failed:%s", exc)
+        raise FitscopeError(f"a DDP worker failed: {str(exc).strip().splitlines()[-1]}") from None
     wall = time.perf_counter() - started
+    returned.restore()  # the workers' history and best epoch (ddp_spawn); no-op otherwise
     if not history.rows:
         raise FitscopeError("training produced no epochs. Fix: check trainer.max_epochs")
 
@@ -480,6 +512,7 @@ def _fit(
             )
     metrics_out: dict[str, Any] = {metrics_file_key(k): v for k, v in summary.items()}
     metrics_out["seed"] = cfg.seed
+    metrics_out["precision"] = precision
     if tracker is not None:
         metrics_out["mlflow_run_id"] = tracker.run_id
         _log_run_record(cfg, dm, tracker, history.rows, summary, run_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -86,8 +87,22 @@ class FitModule(pl.LightningModule):
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def _shard(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of a batch (all of it in one process).
+
+        Under DDP every rank iterates the same batches (same seed) and takes an equal slice
+        of each: the averaged gradient is the whole batch's, so the protocol's batch size,
+        step count and schedule stay those of one process.
+        """
+        world = self.trainer.world_size
+        if world == 1:
+            return batch
+        rank = self.trainer.global_rank
         x, y = batch
+        return torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = self._shard(batch)
         # The LightningOptimizer wrapper (not the raw optimizer) so that its step counts
         # towards trainer.global_step, which step-based Lightning features rely on.
         optimizer = self.optimizers()
@@ -106,7 +121,7 @@ class FitModule(pl.LightningModule):
             scheduler.step()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+        x, y = self._shard(batch)
         self._val_out.append((self.model(x), y))
 
     def on_validation_epoch_end(self) -> None:
@@ -132,15 +147,28 @@ class FitModule(pl.LightningModule):
             )
         # Only what callbacks monitor goes through self.log (it costs ~1 ms a key);
         # the full row is in `epoch_metrics` for EpochHistory.
-        self.log(self.monitor, metrics[self.monitor], on_epoch=True, logger=False)
+        # Already global (gathered above): the sync is a mean of equal values across ranks.
+        self.log(
+            self.monitor,
+            metrics[self.monitor],
+            on_epoch=True,
+            logger=False,
+            sync_dist=self.trainer.world_size > 1,
+        )
 
     def _summarise(self, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        logits = torch.cat([o[0] for o in outputs])
-        targets = torch.cat([o[1] for o in outputs])
+        logits = torch.cat([o[0] for o in outputs]).float().cpu()
+        targets = torch.cat([o[1] for o in outputs]).cpu()
         outputs.clear()
-        return classification_metrics(
-            self.task, logits.float().cpu(), targets.cpu(), self.num_classes
-        )
+        if self.trainer.world_size > 1:
+            # Every rank gets the outputs of all ranks and computes the same global metrics
+            # (AUROC cannot be averaged over shards), so early stopping, the restored epoch
+            # and what rank 0 logs agree across ranks. Objects: shards may differ by a row.
+            shards: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shards, (logits, targets))
+            logits = torch.cat([sh[0] for sh in shards])
+            targets = torch.cat([sh[1] for sh in shards])
+        return classification_metrics(self.task, logits, targets, self.num_classes)
 
     def configure_optimizers(self):
         opt = self.optimizer_cfg
@@ -173,6 +201,7 @@ def build_trainer(
     devices: int | str = 1,
     deterministic: bool = True,
     precision: str = "32-true",
+    strategy: str = "auto",
     progress_bar: bool = False,
     root_dir: str | None = None,
 ) -> pl.Trainer:
@@ -180,10 +209,19 @@ def build_trainer(
 
     Metrics reach MLflow and the CSV through our callbacks, not Lightning's logger;
     no checkpoints, model summary or sanity validation, each of which costs time.
+    ``strategy=ddp_spawn`` trains in ``devices`` spawned processes (gloo on CPU, NCCL on
+    GPU) while this process waits: see :class:`ReturnToMain`.
     """
+    if strategy == "ddp_spawn" and accelerator == "cpu":
+        # Lightning hands RNG states to the workers as shared tensors; torch's default
+        # (file descriptors) failed to map them in the workers here ("unable to resize file").
+        torch.multiprocessing.set_sharing_strategy("file_system")
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
+        strategy=strategy,
+        # Per-rank batch statistics would make a batchnorm model differ from one process.
+        sync_batchnorm=strategy != "auto",
         max_epochs=max_epochs,
         deterministic=deterministic,
         precision=precision,
@@ -249,17 +287,20 @@ class MlflowEpochLogger(pl.Callback):
             self.tracker.log_rows(rows)
             self.logged_through = int(rows[-1]["epoch"])
 
+    # Every rank has the same global metrics; only rank 0 sends them (once).
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(self._unsent()) >= self.every:
+        if trainer.is_global_zero and len(self._unsent()) >= self.every:
             self.flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.flush()
+        if trainer.is_global_zero:
+            self.flush()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self.flush()
+        if trainer.is_global_zero:
+            self.flush()
 
 
 class RestoreBestWeights(pl.Callback):
@@ -322,7 +363,17 @@ class PeriodicCheckpoint(Checkpoint):
         return self.every_s is not None and time.monotonic() - self.last_save >= self.every_s
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self._due(trainer.current_epoch):
+        if trainer.sanity_checking:
+            return
+        due = self._due(trainer.current_epoch)
+        if trainer.world_size > 1:
+            # Under DDP every rank must call save_checkpoint (it ends in a barrier): rank 0's
+            # clock decides for all.
+            due = trainer.strategy.broadcast(due, src=0)
+        if not due:
+            return
+        if not trainer.is_global_zero:
+            trainer.save_checkpoint(self.path)  # writes nothing off rank 0; joins the barrier
             return
         # Lightning's own "atomic" save moves a file from $TMPDIR, which is a copy when that
         # is another filesystem: a temporary file beside the target, renamed, is atomic.
@@ -410,3 +461,32 @@ class EpochProgress(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self.line.close()  # the error message starts on a line of its own
+
+
+class ReturnToMain(pl.Callback):
+    """Brings the state of callbacks back from spawned DDP processes to this process.
+
+    Under ``ddp_spawn`` the callbacks train in copies inside the workers; Lightning returns
+    only rank 0's final weights and ``callback_metrics``. Rank 0 saves the ``state_dict`` of
+    each named callback (the same state a resume checkpoint keeps) when the fit ends, and
+    :meth:`restore` loads it into this process's objects. In one process it does nothing.
+    """
+
+    def __init__(self, path, callbacks: dict[str, pl.Callback]) -> None:
+        self.path, self.callbacks = str(path), callbacks
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1 and trainer.is_global_zero:
+            states = {name: cb.state_dict() for name, cb in self.callbacks.items()}
+            with atomic_path(self.path) as tmp:
+                torch.save(states, tmp)
+
+    def restore(self) -> None:
+        """Load what rank 0 saved (after ``trainer.fit`` returned in this process)."""
+        try:
+            states = torch.load(self.path, weights_only=False)
+        except FileNotFoundError:
+            return  # one process: the callbacks here are the ones that trained
+        for name, cb in self.callbacks.items():
+            cb.load_state_dict(states[name])
+        os.unlink(self.path)

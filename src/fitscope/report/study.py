@@ -171,6 +171,8 @@ def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str
                 "train-val gap": _fmt(*r.stat("best_gap_loss"), n),
                 "verdict": "/".join(sorted(set(r.verdicts))),
                 "wall time (s)": _fmt(*r.stat("wall_time_s"), n, 1),
+                # trainer.precision as it ran (auto resolves per machine); "-": not recorded
+                "precision": "/".join(sorted({str(x.get("precision", "-")) for x in r.runs})),
                 "MLflow run": ", ".join(str(x.get("mlflow_run_id", "-")) for x in r.runs),
             }
         )
