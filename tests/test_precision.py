@@ -39,7 +39,7 @@ def test_an_explicit_precision_is_kept(explicit):
 
 
 def test_schema_accepts_auto_and_refuses_unknown():
-    fields = dict(accelerator="cpu", devices=1, max_epochs=1, num_threads=1)
+    fields = dict(accelerator="cpu", devices=1, max_epochs=1, num_threads=1, strategy="auto")
     assert TrainerConfig(**fields, precision="auto").precision == "auto"
     with pytest.raises(FitscopeError, match=r"trainer\.precision"):
         TrainerConfig(**fields, precision="bf16")
