@@ -143,7 +143,8 @@ class NpyAppender:
         block = np.ascontiguousarray(block, dtype=self.dtype)
         if block.shape[1:] != self._shape()[1:]:
             raise ValueError(f"{self.path}: block of shape {block.shape}, rows of {self._shape()}")
-        self.fh.write(memoryview(block).cast("B"))
+        if block.size:
+            self.fh.write(memoryview(block).cast("B"))
         self.rows += len(block)
 
     def commit(self) -> None:

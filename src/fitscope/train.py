@@ -79,6 +79,8 @@ def _run_config(cfg: DictConfig) -> dict[str, Any]:
         resolved.pop(key, None)
     # Where and how often checkpoints are written does not change what is trained.
     resolved.get("callbacks", {}).pop("checkpoint", None)
+    if resolved.get("data", {}).get("chunk_rows", 0) is None:  # the default: hashes unchanged
+        resolved["data"].pop("chunk_rows")
     return resolved
 
 
@@ -117,6 +119,7 @@ def train(cfg: DictConfig) -> float:
                 train_size=cfg.data.train_size,
                 augment_shift=cfg.regularization.augment_shift,
                 seed=cfg.seed,
+                chunk_rows=cfg.data.chunk_rows,
             )
             dm.setup()  # refuses a missing split with a one-line error
             if cfg.logger.name == "mlflow":
