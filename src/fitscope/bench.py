@@ -5,24 +5,34 @@
    and Lightning's floor: the same Trainer running steps that do no work.
 2. In-memory tensor batches vs a default DataLoader over a TensorDataset.
 3. ``nn.Dropout`` vs the mask-based ``FastDropout`` in the large model.
+4. Full-size HIGGS ingest (the split stage on a synthetic file of the real layout): CPU
+   seconds per 11M rows and peak RSS, merged into ``reports/bench.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import polars as pl
 import torch
+from isal import igzip
 from torch import nn
 
 from fitscope import data
 from fitscope.datamodules import ArrayDataModule, TensorBatches
+from fitscope.fileio import write_json
 from fitscope.models import FastDropout, build_mlp
+from fitscope.synthetic import write_synthetic_higgs
 from fitscope.training import (
     EpochHistory,
     FitModule,
@@ -254,6 +264,70 @@ def gpu_main(out: Path | None, rows: int) -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
 
 
+HIGGS_FULL_ROWS = 11_000_000
+BENCH_JSON = Path("reports/bench.json")
+
+
+def _child_usage(args: list[str]) -> tuple[float, float]:
+    """(CPU seconds, peak RSS in GB) of ``python -m fitscope.cli ARGS`` in a child process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitscope.cli", *args], stdout=subprocess.DEVNULL
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"`fitscope {' '.join(args)}` exited {proc.returncode}")
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # Linux: KiB
+
+
+def ingest_figures(rows: int, file: Path | None = None) -> dict[str, float | int | str]:
+    """`fitscope split higgs` (size=full) of a synthetic file of ``rows`` rows (or ``file``).
+
+    ``ingest_s_per_11M_rows``: the child's CPU seconds (user + system, all threads) minus
+    those of `fitscope --help` (the same imports, no work), scaled linearly to 11M rows.
+    ``ingest_peak_rss_gb``: the child's peak resident memory, nothing subtracted; it does
+    not grow with the file except the test-row queue (the last ``rows / 22`` rows here, as
+    500,000 of 11M: 58 MB for the real file).
+    """
+    with tempfile.TemporaryDirectory(prefix="fitscope-ingest-") as tmp:
+        raw = Path(tmp) / "raw"
+        raw.mkdir()
+        if file is None:
+            write_synthetic_higgs(raw / data.HIGGS_FILE, rows)
+        else:
+            (raw / data.HIGGS_FILE).symlink_to(file.resolve())
+            with igzip.open(file, "rb") as fh:  # rows = lines (a valid file ends each)
+                rows = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 24), b""))
+        higgs = {"source": "mirror", "size": "full", "mirror": "unused", "val_rows": 1000}
+        higgs["test_rows"] = max(1, rows * 500_000 // HIGGS_FULL_ROWS)
+        params = Path(tmp) / "params.yaml"
+        params.write_text(json.dumps({"data": {"higgs": higgs}}))  # JSON is YAML
+        base_cpu, _ = _child_usage(["--help"])
+        split = ["--params", str(params), "split", "higgs", "--raw", str(raw)]
+        cpu, rss = _child_usage([*split, "--out", str(Path(tmp) / "out")])
+    return {
+        "ingest_s_per_11M_rows": round((cpu - base_cpu) * HIGGS_FULL_ROWS / rows, 2),
+        "ingest_peak_rss_gb": round(rss, 3),
+        "ingest_rows_measured": rows,
+        "ingest_engine": f"polars {pl.__version__} over isal, "
+        f"{data.HIGGS_BLOCK_BYTES >> 20} MB blocks",
+    }
+
+
+def report_ingest(rows: int, file: Path | None = None, out: Path = BENCH_JSON) -> None:
+    """Print the ingest figures and merge them into ``reports/bench.json`` (other keys kept)."""
+    figures = ingest_figures(rows, file)
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    merged.update(figures)
+    write_json(out, merged)
+    print(
+        f"  full HIGGS ingest ({figures['ingest_rows_measured']:,} synthetic rows, "
+        f"{figures['ingest_engine']}): {figures['ingest_s_per_11M_rows']:.1f} CPU s per 11M "
+        f"rows (goal <= 35), peak RSS {figures['ingest_peak_rss_gb']:.2f} GB (goal <= 2) "
+        f"-> {out}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=100)
@@ -262,7 +336,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-rows", type=int, default=2_000_000)
     parser.add_argument("--out", type=Path, help="write the --gpu figures as JSON here")
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint cost only")
+    parser.add_argument("--ingest", action="store_true", help="full-HIGGS ingest figures only")
+    parser.add_argument(
+        "--ingest-rows", type=int, default=300_000, help="synthetic rows (figures per 11M)"
+    )
+    parser.add_argument("--ingest-file", type=Path, help="ingest this HIGGS.csv.gz instead")
     args = parser.parse_args(argv)
+    if args.ingest:
+        report_ingest(args.ingest_rows, args.ingest_file)
+        return
     if args.checkpoint:
         torch.set_num_threads(1)
         logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -316,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  512x4 fwd+bwd: nn.Dropout / FastDropout = {nn_drop / fast_drop:.2f}x")
     with tempfile.TemporaryDirectory() as tmp:
         report_checkpoint_cost(_higgs(Path(tmp)), Path(tmp))
+    report_ingest(args.ingest_rows, args.ingest_file)
 
 
 def report_checkpoint_cost(dm: ArrayDataModule, tmp: Path) -> None:

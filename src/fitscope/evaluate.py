@@ -17,6 +17,8 @@ from fitscope.fileio import write_json
 from fitscope.models import build_mlp_from_config
 from fitscope.training import classification_metrics
 
+SCORE_ROWS = 65_536  # rows per forward pass when scoring
+
 
 def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the MLP saved in ``run_dir/model.pt`` (best weights) and return its config."""
@@ -47,8 +49,8 @@ def _score(
     per_class: bool = False,
 ) -> dict[str, float]:
     task, num_classes = cfg["data"]["task"], cfg["data"]["num_classes"]
-    with torch.no_grad():
-        logits = mlp(x)
+    with torch.no_grad():  # in slices: 10.5M full-HIGGS rows at once need GBs of activations
+        logits = torch.cat([mlp(part) for part in x.split(SCORE_ROWS)])
     metrics = classification_metrics(task, logits, targets, num_classes)
     if per_class and task == "multiclass":
         accs = multiclass_accuracy(
