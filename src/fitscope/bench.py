@@ -265,6 +265,7 @@ def gpu_main(out: Path | None, rows: int) -> None:
 
 
 HIGGS_FULL_ROWS = 11_000_000
+BASE_ROWS = 20_000  # the ingest baseline: fixed costs measured on a file this small
 BENCH_JSON = Path("reports/bench.json")
 
 
@@ -280,17 +281,32 @@ def _child_usage(args: list[str]) -> tuple[float, float]:
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # Linux: KiB
 
 
+def _split_usage(raw: Path, rows: int, tmp: Path) -> tuple[float, float]:
+    """(CPU s, peak RSS GB) of `fitscope split higgs` (size=full) of ``raw``/HIGGS.csv.gz."""
+    higgs = {"source": "mirror", "size": "full", "mirror": "unused", "val_rows": 1000}
+    higgs["test_rows"] = max(1, rows * 500_000 // HIGGS_FULL_ROWS)  # as 500,000 of 11M
+    params = tmp / f"params-{raw.name}.yaml"
+    params.write_text(json.dumps({"data": {"higgs": higgs}}))  # JSON is YAML
+    out = tmp / f"out-{raw.name}"
+    return _child_usage(
+        ["--params", str(params), "split", "higgs", "--raw", str(raw), "--out", str(out)]
+    )
+
+
 def ingest_figures(rows: int, file: Path | None = None) -> dict[str, float | int | str]:
     """`fitscope split higgs` (size=full) of a synthetic file of ``rows`` rows (or ``file``).
 
-    ``ingest_s_per_11M_rows``: the child's CPU seconds (user + system, all threads) minus
-    those of `fitscope --help` (the same imports, no work), scaled linearly to 11M rows.
+    ``ingest_s_per_11M_rows``: CPU seconds (user + system, all threads) of the child
+    process, minus those of the same command on a 20,000-row file (start-up, imports and
+    other fixed costs), per row, times 11M (the work per row is constant).
     ``ingest_peak_rss_gb``: the child's peak resident memory, nothing subtracted; it does
     not grow with the file except the test-row queue (the last ``rows / 22`` rows here, as
     500,000 of 11M: 58 MB for the real file).
     """
-    with tempfile.TemporaryDirectory(prefix="fitscope-ingest-") as tmp:
-        raw = Path(tmp) / "raw"
+    with tempfile.TemporaryDirectory(prefix="fitscope-ingest-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        base, raw = tmp / "base", tmp / "raw"
+        write_synthetic_higgs(base / data.HIGGS_FILE, BASE_ROWS, seed=1)
         raw.mkdir()
         if file is None:
             write_synthetic_higgs(raw / data.HIGGS_FILE, rows)
@@ -298,15 +314,12 @@ def ingest_figures(rows: int, file: Path | None = None) -> dict[str, float | int
             (raw / data.HIGGS_FILE).symlink_to(file.resolve())
             with igzip.open(file, "rb") as fh:  # rows = lines (a valid file ends each)
                 rows = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 24), b""))
-        higgs = {"source": "mirror", "size": "full", "mirror": "unused", "val_rows": 1000}
-        higgs["test_rows"] = max(1, rows * 500_000 // HIGGS_FULL_ROWS)
-        params = Path(tmp) / "params.yaml"
-        params.write_text(json.dumps({"data": {"higgs": higgs}}))  # JSON is YAML
-        base_cpu, _ = _child_usage(["--help"])
-        split = ["--params", str(params), "split", "higgs", "--raw", str(raw)]
-        cpu, rss = _child_usage([*split, "--out", str(Path(tmp) / "out")])
+        if rows <= BASE_ROWS:
+            raise ValueError(f"--ingest-rows must exceed {BASE_ROWS} (the fixed-cost baseline)")
+        base_cpu, _ = _split_usage(base, BASE_ROWS, tmp)
+        cpu, rss = _split_usage(raw, rows, tmp)
     return {
-        "ingest_s_per_11M_rows": round((cpu - base_cpu) * HIGGS_FULL_ROWS / rows, 2),
+        "ingest_s_per_11M_rows": round((cpu - base_cpu) * HIGGS_FULL_ROWS / (rows - BASE_ROWS), 2),
         "ingest_peak_rss_gb": round(rss, 3),
         "ingest_rows_measured": rows,
         "ingest_engine": f"polars {pl.__version__} over isal, "
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint cost only")
     parser.add_argument("--ingest", action="store_true", help="full-HIGGS ingest figures only")
     parser.add_argument(
-        "--ingest-rows", type=int, default=300_000, help="synthetic rows (figures per 11M)"
+        "--ingest-rows", type=int, default=1_000_000, help="synthetic rows (figures per 11M)"
     )
     parser.add_argument("--ingest-file", type=Path, help="ingest this HIGGS.csv.gz instead")
     args = parser.parse_args(argv)
