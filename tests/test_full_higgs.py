@@ -6,6 +6,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +28,37 @@ SIZES = {"val_rows": 1000, "test_rows": 2000}  # training: the 17,000 rows in be
 def synthetic_mirror(tmp_path_factory):
     """A 20,000-row synthetic HIGGS.csv.gz with its checksums.json (`fitscope synth-higgs`)."""
     root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_higgs(root / data.HIGGS_FILE, ROWS, seed=1)
-    data.write_mirror_checksums(root)
+    proc = fitscope_cli(["synth-higgs", str(root), "--rows", str(ROWS), "--seed", "1"], root)
+    assert proc.returncode == 0, proc.stderr
     return root
+
+
+def fitscope_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fitscope.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_synthetic_file_has_the_real_layout(synthetic_mirror, higgs_sample_bytes, tmp_path):
+    number = re.compile(rb"-?\d\.\d{18}e[+-]\d{2}")  # %.18e, as the official file
+    lines = gzip.decompress((synthetic_mirror / data.HIGGS_FILE).read_bytes()).split(b"\n")
+    real = gzip.decompress(higgs_sample_bytes).split(b"\n", 1)[0].split(b",")
+    assert lines[-1] == b"" and len(lines) == ROWS + 1
+    for line in (lines[0], lines[ROWS // 2], lines[-2]):
+        cells = line.split(b",")
+        assert len(cells) == len(real) == 29 and all(number.fullmatch(c) for c in cells), line
+        assert cells[0] in (b"0.000000000000000000e+00", b"1.000000000000000000e+00")
+    entry = json.loads((synthetic_mirror / data.CHECKSUMS_FILE).read_text())["files"]
+    assert entry[data.HIGGS_FILE]["lines"] == ROWS
+    # Seeded: the same call writes the same bytes.
+    write_synthetic_higgs(tmp_path / "again.csv.gz", ROWS, seed=1)
+    assert (tmp_path / "again.csv.gz").read_bytes() == (
+        synthetic_mirror / data.HIGGS_FILE
+    ).read_bytes()
+    proc = fitscope_cli(["synth-higgs", str(tmp_path), "--rows", "0"], tmp_path)
+    assert last_error_line(proc, 2) == (
+        "fitscope: error: --rows 0 must be at least 1. Fix: e.g. --rows 20000"
+    )
 
 
 @pytest.fixture(scope="module")
