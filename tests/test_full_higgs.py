@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import last_error_line, run_train
+from conftest import compose, last_error_line, run_train
 
 from fitscope import data
 from fitscope.datamodules import ArrayDataModule, ChunkBatches
@@ -239,3 +239,19 @@ def test_chunk_rows_below_the_batch_size_is_a_one_line_error(full_split, tmp_pat
         mlflow_uri,
     )
     assert "data.chunk_rows=10 is smaller than data.batch_size=1000" in last_error_line(proc, 2)
+
+
+def test_chunk_rows_enters_the_config_hash_only_when_set():
+    from fitscope.train import _run_config
+
+    default = _run_config(compose("paths.run_dir=unused"))
+    assert "chunk_rows" not in default["data"]  # hashes of existing runs are unchanged
+    full = _run_config(compose("paths.run_dir=unused", "data=higgs_full", "model=full"))
+    assert full["data"]["chunk_rows"] == 100_000 and full["data"]["batch_size"] == 1000
+    assert full["model"] == {
+        "name": "full",
+        "width": 300,
+        "depth": 5,
+        "activation": "tanh",
+        "init": "glorot_uniform",
+    }
