@@ -101,7 +101,8 @@ def test_official_defaults_follow_the_classic_protocol():
     study = data.HiggsParams(source="uci")
     assert study.resolved_train_rows() == 10_000 and study.head_rows() == 12_000
     full = data.HiggsParams(source="uci", size="full")
-    assert full.resolved_train_rows() == 10_000  # not the 10.5M rows between val and test
+    # The whole file: training is every row between validation and the last 500,000.
+    assert full.resolved_train_rows() is None
     assert full.resolved_test_rows() == 500_000
     assert data.HiggsParams().resolved_train_rows() is None  # embedded: all between
 

@@ -66,7 +66,8 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(
     again = run_train(args, tmp_path, mlflow_uri)
     assert again.returncode == 0, again.stderr
     output = again.stdout + again.stderr
-    assert "resuming higgs-large-dropout from" in output and "was left RUNNING: now KILLED" in output
+    assert "resuming higgs-large-dropout from" in output
+    assert "was left RUNNING: now KILLED" in output
 
     # The same result as the uninterrupted run: history, best epoch, restored weights.
     resumed_rows, base_rows = history(tmp_path / "resumed"), history(tmp_path / "base")

@@ -32,7 +32,7 @@ def nothing_created(tmp_path) -> None:
         (["+model.widht=32"], "unknown config key model.widht. Fix: check its spelling"),
         (["+foo=1"], "unknown config key foo. Fix:"),
         (["foo=1"], "Could not override 'foo'"),
-        (["model=huge"], "Could not find 'model/huge'. Fix: use one of large, medium"),
+        (["model=huge"], "Could not find 'model/huge'. Fix: use one of full, large, medium"),
         (["regularization.dropout=nan"], "regularization.dropout=nan must be a finite number"),
         (["regularization.l2=nan"], "regularization.l2=nan must be a finite number"),
         (["optimizer.lr=inf"], "optimizer.lr=inf must be a finite number"),

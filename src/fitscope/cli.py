@@ -69,7 +69,13 @@ def cmd_split(args: argparse.Namespace) -> None:
     raw = Path(args.raw or f"data/raw/{args.dataset}")
     out = Path(args.out or f"data/processed/{args.dataset}")
     if args.dataset == "higgs":
-        manifest = data.split_higgs(data.higgs_params(params.get("data")), raw, out)
+        from fitscope.progress import ByteProgress
+
+        gz = raw / data.HIGGS_FILE
+        total = gz.stat().st_size if gz.is_file() else None
+        with ByteProgress(total, f"split higgs: {gz}") as shown:
+            higgs = data.higgs_params(params.get("data"))
+            manifest = data.split_higgs(higgs, raw, out, on_bytes=shown.update)
     else:
         manifest = data.split_mnist(data.mnist_params(params.get("data")), raw, out)
     sizes = ", ".join(f"{k}={v['rows']}" for k, v in manifest["splits"].items())
@@ -95,6 +101,22 @@ def cmd_mirror(args: argparse.Namespace) -> None:
         print(f"to use {directory}: dvc exp run {keys}")
     if Path(data.DEFAULT_MIRROR_DIR) in targets:
         print(f"to share {data.DEFAULT_MIRROR_DIR}: dvc commit data.dvc && dvc push")
+
+
+def cmd_synth_higgs(args: argparse.Namespace) -> None:
+    from fitscope import data
+    from fitscope.synthetic import write_synthetic_higgs
+
+    if args.rows < 1:
+        raise FitscopeError(f"--rows {args.rows} must be at least 1. Fix: e.g. --rows 20000")
+    out = Path(args.dir)
+    digest = write_synthetic_higgs(out / data.HIGGS_FILE, args.rows, seed=args.seed)
+    data.write_mirror_checksums(out)
+    print(f"wrote {args.rows} synthetic rows to {out / data.HIGGS_FILE} (sha256 {digest})")
+    print(
+        f"a mirror with {data.CHECKSUMS_FILE}: dvc exp run -S data.higgs.source=mirror "
+        f"-S data.higgs.mirror={out} -S data.higgs.size=full"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -185,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="only (re)write checksums.json for the files already in the mirror",
     )
     mirror.set_defaults(func=cmd_mirror)
+
+    synth = sub.add_parser(
+        "synth-higgs",
+        help="write a synthetic HIGGS.csv.gz in the real layout (+ checksums.json): a mirror "
+        "for tests and benchmarks of size=full",
+    )
+    synth.add_argument("dir", nargs="?", default="data/synthetic", help="(git-ignored default)")
+    synth.add_argument("--rows", type=int, default=11_000_000, help="default: the real file's")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth_higgs)
 
     train = sub.add_parser("train", help="train one variant of params.yaml (DVC train stage)")
     train.add_argument(

@@ -105,3 +105,62 @@ def write_gzip(path: str | os.PathLike[str], data: bytes) -> None:
         igzip.IGzipFile(filename="", fileobj=raw, mode="wb", compresslevel=2, mtime=0) as fh,
     ):
         fh.write(data)
+
+
+class NpyAppender:
+    """A ``.npy`` file written block by block (bounded memory), renamed into place by
+    :meth:`commit`; :meth:`discard` removes an uncommitted one.
+
+    The header is written first and rewritten with the final row count at the end; numpy
+    pads ``.npy`` headers so that the row count can grow in place (same header length).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], dtype: Any, width: int | None = None) -> None:
+        self.path = Path(path)
+        self.dtype, self.width, self.rows = np.dtype(dtype), width, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
+        self.tmp: Path | None = Path(tmp)
+        self.fh = os.fdopen(fd, "wb")
+        self.header_bytes = self._write_header()
+
+    def _shape(self) -> tuple[int, ...]:
+        return (self.rows,) if self.width is None else (self.rows, self.width)
+
+    def _write_header(self) -> int:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": self._shape(),
+        }
+        start = self.fh.tell()
+        np.lib.format.write_array_header_1_0(self.fh, header)
+        return self.fh.tell() - start
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self._shape()[1:]:
+            raise ValueError(f"{self.path}: block of shape {block.shape}, rows of {self._shape()}")
+        if block.size:
+            self.fh.write(memoryview(block).cast("B"))
+        self.rows += len(block)
+
+    def commit(self) -> None:
+        """Write the final header, sync and rename the file into place."""
+        assert self.tmp is not None, "committed twice"
+        self.fh.seek(0)
+        if self._write_header() != self.header_bytes:  # numpy's padding makes this impossible
+            raise RuntimeError(f"{self.path}: the .npy header changed length")
+        self.fh.close()
+        os.chmod(self.tmp, 0o666 & ~_UMASK)
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+
+    def discard(self) -> None:
+        """Remove the file unless it was committed (safe to call always)."""
+        if self.tmp is not None:
+            self.fh.close()
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None

@@ -66,8 +66,18 @@ class DataConfig(Section):
     num_classes: int = ranged(low=2, integer=True)
     batch_size: int = ranged(low=1, integer=True)
     train_size: int | None = ranged(low=1, integer=True, allow_none=True)
+    # null: the training split in memory; N: memory-mapped, read in shuffled chunks of N rows.
+    chunk_rows: int | None = field(
+        default=None,
+        metadata={"rule": partial(check_number, low=1, integer=True, allow_none=True)},
+    )
 
     def check_rules(self) -> None:
+        if self.chunk_rows is not None and self.chunk_rows < self.batch_size:
+            raise FitscopeError(
+                f"data.chunk_rows={self.chunk_rows} is smaller than data.batch_size="
+                f"{self.batch_size}. Fix: raise data.chunk_rows (e.g. 100000)"
+            )
         if (self.task == "binary") != (self.num_classes == 2):
             raise FitscopeError(
                 f"data.task={self.task} with data.num_classes={self.num_classes}. Fix: binary "

@@ -8,6 +8,7 @@ process that only scores or reports must not pay them (docs/pipeline.md).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,12 +83,18 @@ def per_class_accuracy(
 
 
 def split_tensors(
-    data_dir: str | Path, split: str, task: str, train_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    data_dir: str | Path,
+    split: str,
+    task: str,
+    train_size: int | None = None,
+    *,
+    mapped: bool = False,
+) -> Any:
     """One split as float32 features and float (binary) or long (multiclass) targets.
 
     The arrays are verified against the split's manifest first (``data.load_split``).
     ``train_size`` keeps the first rows of the training split (other splits are whole).
+    ``mapped``: return the verified memory-mapped arrays instead of tensors (nothing loaded).
     """
     x, y = load_split(data_dir, split)
     manifest = read_manifest(data_dir)
@@ -105,9 +112,32 @@ def split_tensors(
                 f"{len(y)} rows. Fix: lower data.train_size or enlarge the split"
             )
         x, y = x[:train_size], y[:train_size]
+    if mapped:
+        return x, y
     targets = torch.from_numpy(np.array(y))
     targets = targets.float() if task == "binary" else targets.long()
     return torch.from_numpy(np.array(x, dtype=np.float32)), targets
+
+
+SCORE_ROWS = 65_536  # rows per forward pass: 10.5M full-HIGGS rows at once need GBs
+
+
+def _forward(model: torch.nn.Module, x: Any) -> torch.Tensor:
+    """Logits of ``x`` (a tensor or a memory-mapped array) computed in slices."""
+    parts = []
+    for start in range(0, len(x), SCORE_ROWS):
+        part = x[start : start + SCORE_ROWS]
+        if not isinstance(part, torch.Tensor):
+            part = torch.from_numpy(np.asarray(part, dtype=np.float32))
+        parts.append(model(part))
+    return torch.cat(parts)
+
+
+def _targets(y: Any, task: str) -> torch.Tensor:
+    if isinstance(y, torch.Tensor):
+        return y
+    y = torch.from_numpy(np.asarray(y))
+    return y.float() if task == "binary" else y.long()
 
 
 @torch.no_grad()
@@ -115,20 +145,21 @@ def test_scores(
     model: torch.nn.Module,
     task: str,
     num_classes: int,
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    test: tuple[Any, Any],
+    train: tuple[Any, Any],
 ) -> dict[str, float]:
     """The held-out test metrics of a trained model (eval mode), per-class accuracies for
     multiclass, and its training loss in eval mode (``train_eval_loss``).
 
-    The training loss logged during training has dropout active (as in Keras); the
-    eval-mode one is what "how well does the model fit its training data" means.
+    Each split is tensors or memory-mapped arrays (the full HIGGS training split), scored
+    in slices. The training loss logged during training has dropout active (as in
+    Keras); the eval-mode one is what "how well does the model fit its training data" means.
     """
     model = model.eval()
-    x, y = tensors["test"]
-    logits = model(x)
+    logits, y = _forward(model, test[0]), _targets(test[1], task)
     result = classification_metrics(task, logits, y, num_classes)
     if task == "multiclass":
         result.update(per_class_accuracy(logits, y, num_classes))
-    x_train, y_train = tensors["train"]
-    result["train_eval_loss"] = data_loss(task, model(x_train), y_train).item()
+    train_logits = _forward(model, train[0])
+    result["train_eval_loss"] = data_loss(task, train_logits, _targets(train[1], task)).item()
     return result

@@ -117,6 +117,8 @@ def _run_config(cfg: DictConfig) -> dict[str, Any]:
         resolved.pop(key, None)
     # Where and how often checkpoints are written does not change what is trained.
     resolved.get("callbacks", {}).pop("checkpoint", None)
+    if resolved.get("data", {}).get("chunk_rows", 0) is None:  # the default: hashes unchanged
+        resolved["data"].pop("chunk_rows")
     return resolved
 
 
@@ -156,6 +158,7 @@ def train(cfg: DictConfig) -> float:
                 train_size=cfg.data.train_size,
                 augment_shift=cfg.regularization.augment_shift,
                 seed=cfg.seed,
+                chunk_rows=cfg.data.chunk_rows,
             )
             dm.setup()  # refuses a missing split with a one-line error
             if cfg.logger.name == "mlflow":
@@ -483,7 +486,10 @@ def _fit(
     model_cpu = mlp.to("cpu").eval()
     # The test split is scored here, by the process that trained, rather than by a stage
     # that would start Python and torch again only to reload the model (docs/pipeline.md).
-    scores = test_scores(model_cpu, cfg.data.task, cfg.data.num_classes, dm.tensors)
+    train_split = dm.mapped or dm.tensors["train"]  # mapped: the full HIGGS file
+    scores = test_scores(
+        model_cpu, cfg.data.task, cfg.data.num_classes, dm.tensors["test"], train_split
+    )
     # Grouped by what they describe, so the MLflow UI draws them in sensible chart groups.
     summary = {
         "fit/best_epoch": selected,

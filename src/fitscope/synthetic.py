@@ -1,0 +1,69 @@
+"""A synthetic HIGGS.csv.gz of any size, in the real file's layout (tests and ``make bench``).
+
+No header, the label first, then 21 low-level and 7 high-level features, every value a
+float32 written with ``%.18e`` (like the official file). The rows are drawn with
+replacement from a seeded pool of generated events, so 11M rows cost seconds of
+formatting instead of minutes; the label depends on the features, so a model can learn
+something from it. Never committed (``data/synthetic/`` is git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from isal import igzip
+
+from fitscope.fileio import atomic_path, sha256_file
+
+# Feature columns (0-based, after the label) by kind, as in the HIGGS paper's table.
+MOMENTA = (0, 3, 5, 9, 13, 17)  # lepton pT, missing energy, jet pT: positive, skewed
+ETAS = (1, 6, 10, 14, 18)
+PHIS = (2, 4, 7, 11, 15, 19)
+BTAGS = (8, 12, 16, 20)
+MASSES = tuple(range(21, 28))  # the 7 high-level invariant masses
+BTAG_VALUES = np.array([0.0, 1.086538076400756836, 2.173076152801513672], dtype=np.float32)
+POOL_ROWS = 1 << 14
+CHUNK_ROWS = 1 << 16  # rows formatted and compressed at a time (~48 MB of text)
+
+
+def synthetic_events(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` float32 rows (label, 28 features) with HIGGS-like marginals; signal ~53%."""
+    label = (rng.random(n) < 0.53).astype(np.float32)
+    x = np.empty((n, 28), dtype=np.float32)
+    shift = 0.25 * label[:, None]  # signal events: heavier masses, harder momenta
+    x[:, MOMENTA] = rng.lognormal(0.0, 0.5, (n, len(MOMENTA))) * (1 + 0.3 * shift)
+    x[:, ETAS] = rng.normal(0.0, 1.0, (n, len(ETAS)))
+    x[:, PHIS] = rng.uniform(-1.74, 1.74, (n, len(PHIS)))
+    x[:, BTAGS] = rng.choice(BTAG_VALUES, (n, len(BTAGS)))
+    x[:, MASSES] = rng.lognormal(0.0, 0.3, (n, len(MASSES))) + shift
+    return np.column_stack([label, x]).astype(np.float32)
+
+
+def format_rows(rows: np.ndarray) -> list[bytes]:
+    """Each row as one CSV line of ``%.18e`` values (the official file's format)."""
+    return [(",".join(f"{v:.18e}" for v in row.tolist()) + "\n").encode() for row in rows]
+
+
+def write_synthetic_higgs(
+    path: str | os.PathLike[str], rows: int, *, seed: int = 0, level: int = 1
+) -> str:
+    """Write ``rows`` synthetic HIGGS events to ``path`` (gzip, atomically); return its sha256."""
+    if rows < 1:
+        raise ValueError("rows must be >= 1")
+    rng = np.random.default_rng(seed)
+    pool = format_rows(synthetic_events(min(rows, POOL_ROWS), rng))
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw,
+        igzip.IGzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level, mtime=0) as fh,
+    ):
+        for start in range(0, rows, CHUNK_ROWS):
+            n = min(CHUNK_ROWS, rows - start)
+            if rows <= POOL_ROWS:  # small files: every pool row once, in order
+                picks = range(start, start + n)
+            else:
+                picks = rng.integers(0, len(pool), n).tolist()
+            fh.write(b"".join([pool[i] for i in picks]))
+    return sha256_file(Path(path))
