@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 from isal import igzip, isal_zlib
 
 from fitscope.config import check_choice, check_number, from_mapping
@@ -352,7 +351,6 @@ def _fetch_higgs_full(
     return used
 
 
-_SCHEMA = {f"c{i}": pl.Float32 for i in range(HIGGS_COLUMNS)}
 # polars reads " 1.0" as a number; the format has no whitespace, so text holding some takes
 # the slow path, which names the line. (Quotes: quote_char=None makes '"1.0"' a bad number.)
 _NOT_IN_HIGGS = (b" ", b"\t")
@@ -368,8 +366,11 @@ def _higgs_table(text: bytes) -> np.ndarray:
         return np.empty((0, HIGGS_COLUMNS), dtype=np.float32)
     if any(byte in text for byte in _NOT_IN_HIGGS):
         raise _BadText("whitespace")
+    import polars as pl  # here: only the stages that parse CSV pay its import
+
+    schema = {f"c{i}": pl.Float32 for i in range(HIGGS_COLUMNS)}
     try:  # quote_char=None: no quoting to handle (10% less CPU)
-        frame = pl.read_csv(text, has_header=False, schema=_SCHEMA, quote_char=None)
+        frame = pl.read_csv(text, has_header=False, schema=schema, quote_char=None)
     except (pl.exceptions.PolarsError, ValueError) as exc:
         raise _BadText(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
     if frame.null_count().sum_horizontal().item():  # empty cells or empty lines

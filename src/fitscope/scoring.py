@@ -123,20 +123,22 @@ SCORE_ROWS = 65_536  # rows per forward pass: 10.5M full-HIGGS rows at once need
 
 
 def _forward(model: torch.nn.Module, x: Any) -> torch.Tensor:
-    """Logits of ``x`` (a tensor or a memory-mapped array) computed in slices."""
+    """Logits of ``x`` (a tensor or a memory-mapped array) computed in slices on the
+    model's device (a GPU scores 10.5M rows in seconds, one CPU thread in minutes)."""
+    device = next(model.parameters()).device
     parts = []
     for start in range(0, len(x), SCORE_ROWS):
         part = x[start : start + SCORE_ROWS]
         if not isinstance(part, torch.Tensor):
-            part = torch.from_numpy(np.asarray(part, dtype=np.float32))
-        parts.append(model(part))
+            part = torch.from_numpy(np.array(part, dtype=np.float32))  # a copy: maps are read-only
+        parts.append(model(part.to(device)).float().cpu())
     return torch.cat(parts)
 
 
 def _targets(y: Any, task: str) -> torch.Tensor:
     if isinstance(y, torch.Tensor):
         return y
-    y = torch.from_numpy(np.asarray(y))
+    y = torch.from_numpy(np.array(y))
     return y.float() if task == "binary" else y.long()
 
 

@@ -67,3 +67,36 @@ def write_synthetic_higgs(
                 picks = rng.integers(0, len(pool), n).tolist()
             fh.write(b"".join([pool[i] for i in picks]))
     return sha256_file(Path(path))
+
+
+def write_synthetic_split(
+    out_dir: str | os.PathLike[str],
+    train_rows: int,
+    *,
+    val_rows: int = 1000,
+    test_rows: int = 500_000,
+    seed: int = 0,
+) -> dict:
+    """A processed HIGGS split (``*_x.npy``/``*_y.npy`` + manifest) of synthetic events,
+    written straight to memory-mappable files without a CSV: the GPU throughput check
+    (scripts/gpu_check.sh) trains on a full-size split on machines without the CSV stack.
+    """
+    from fitscope import data  # the manifest is the loader's, so training verifies it
+
+    out, raw = Path(out_dir), Path(out_dir) / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    first_rows: dict[str, int | None] = {}
+    first = 1
+    for name, rows in (("val", val_rows), ("train", train_rows), ("test", test_rows)):
+        x = np.lib.format.open_memmap(out / f"{name}_x.npy", "w+", np.float32, (rows, 28))
+        y = np.lib.format.open_memmap(out / f"{name}_y.npy", "w+", np.int64, (rows,))
+        for start in range(0, rows, CHUNK_ROWS):
+            events = synthetic_events(min(CHUNK_ROWS, rows - start), rng)
+            x[start : start + len(events)] = events[:, 1:]
+            y[start : start + len(events)] = events[:, 0].astype(np.int64)
+        x.flush(), y.flush()
+        del x, y
+        first_rows[name], first = first, first + rows
+    params = {"source": "synthetic", "val_rows": val_rows, "test_rows": test_rows}
+    return data._write_manifest("higgs", first_rows, raw, out, params)

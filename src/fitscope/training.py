@@ -443,7 +443,7 @@ class EpochProgress(pl.Callback):
         if self.early is not None:
             patience_left = max(self.early.patience - self.early.wait_count, 0)
             parts.append(f"patience {patience_left}/{self.early.patience}")
-        parts.append(f"{rate:.1f} epochs/s")
+        parts.append(f"{rate:.3g} epochs/s")  # 3 digits: a full-HIGGS epoch takes minutes
         # An upper bound: early stopping may end the run sooner.
         parts.append(f"≤ {duration(left_epochs / rate if rate > 0 else -1)} left")
         return ", ".join(parts)
