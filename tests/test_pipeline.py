@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import run
@@ -112,6 +114,7 @@ def test_profile_alias_loads_and_predicts_and_no_debug_champion(study_repo):
     repo, _ = study_repo
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # an earlier test in this worker may have set another
     model = mlflow.pyfunc.load_model("models:/fitscope-higgs@debug")
     x = np.load(repo / "data/processed/higgs/test_x.npy")[:10]
     probs = np.asarray(model.predict(x))
@@ -242,7 +245,12 @@ def test_mlflow_ui_review_in_a_real_browser(study_repo):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [
-            *("mlflow", "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}"),
+            *(
+                str(Path(sys.executable).with_name("mlflow")),
+                "ui",
+                "--backend-store-uri",
+                f"sqlite:///{repo / 'mlflow.db'}",
+            ),
             *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
         ],
         cwd=repo,

@@ -32,6 +32,7 @@ TRAINING = [
     "callbacks.early_stopping.enabled=false",
     "logger.flush_every=1",  # every epoch reaches MLflow: the tests poll for it
     "logger.log_model=false",
+    "progress=false",  # stderr holds the interrupt's one line and nothing else
 ]
 SWEEP = ["-m", "optimizer.lr=0.001,0.002", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 INTERRUPTED = re.compile(

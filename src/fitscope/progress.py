@@ -70,6 +70,15 @@ class LineProgress:
         self.writes = 0
         self._drawn = False
 
+    def __getstate__(self) -> dict:
+        # ddp_spawn pickles the callbacks into its worker processes: a stream cannot be
+        # pickled, and the workers write to their own stderr (the same terminal or pipe).
+        return {**self.__dict__, "stream": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.stream = sys.stderr
+
     def due(self) -> bool:
         """Whether a ``show`` now would write (callers may skip building the text)."""
         if not self.enabled:
