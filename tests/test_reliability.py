@@ -392,6 +392,16 @@ def test_a_claim_that_sees_an_earlier_rival_after_settling_withdraws(tmp_path, m
 
 def test_an_interrupt_in_a_plain_process_does_not_stop_its_next_job(monkeypatch):
     monkeypatch.delenv(lifecycle.ENTRY_ENV, raising=False)
+    # A plain process: Python's own Ctrl-C handler. (An earlier in-process test in this
+    # worker may have left SIG_IGN: Lightning ignores SIGINT after an interrupted fit.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_then_next_job()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_then_next_job() -> None:
     with pytest.raises(KeyboardInterrupt), lifecycle.JobGuard():
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in a notebook, say
         time.sleep(5)  # interrupted long before this ends
