@@ -19,7 +19,7 @@ import torch
 from fitscope.data import read_manifest
 from fitscope.errors import FitscopeError
 from fitscope.fileio import sha256_file
-from fitscope.scoring import split_tensors
+from fitscope.scoring import split_tensors, targets_tensor
 
 
 class TensorBatches:
@@ -88,8 +88,7 @@ class ChunkBatches:
         return -(-batches // self.world_size)
 
     def _targets(self, y: np.ndarray) -> torch.Tensor:
-        targets = torch.from_numpy(y)
-        return targets.float() if self.binary else targets.long()
+        return targets_tensor(y, "binary" if self.binary else "multiclass")
 
     def _global_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The epoch's batches in the order every rank agrees on."""

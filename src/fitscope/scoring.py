@@ -114,9 +114,7 @@ def split_tensors(
         x, y = x[:train_size], y[:train_size]
     if mapped:
         return x, y
-    targets = torch.from_numpy(np.array(y))
-    targets = targets.float() if task == "binary" else targets.long()
-    return torch.from_numpy(np.array(x, dtype=np.float32)), targets
+    return torch.from_numpy(np.array(x, dtype=np.float32)), targets_tensor(y, task)
 
 
 SCORE_ROWS = 65_536  # rows per forward pass: 10.5M full-HIGGS rows at once need GBs
@@ -135,7 +133,11 @@ def _forward(model: torch.nn.Module, x: Any) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _targets(y: Any, task: str) -> torch.Tensor:
+def targets_tensor(y: Any, task: str) -> torch.Tensor:
+    """Labels as the loss wants them: float for BCE (binary), long for cross-entropy.
+
+    Arrays are copied (a memory-mapped split is read-only); tensors are returned as is.
+    """
     if isinstance(y, torch.Tensor):
         return y
     y = torch.from_numpy(np.array(y))
@@ -158,10 +160,10 @@ def test_scores(
     Keras); the eval-mode one is what "how well does the model fit its training data" means.
     """
     model = model.eval()
-    logits, y = _forward(model, test[0]), _targets(test[1], task)
+    logits, y = _forward(model, test[0]), targets_tensor(test[1], task)
     result = classification_metrics(task, logits, y, num_classes)
     if task == "multiclass":
         result.update(per_class_accuracy(logits, y, num_classes))
     train_logits = _forward(model, train[0])
-    result["train_eval_loss"] = data_loss(task, train_logits, _targets(train[1], task)).item()
+    result["train_eval_loss"] = data_loss(task, train_logits, targets_tensor(train[1], task)).item()
     return result
