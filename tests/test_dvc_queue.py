@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -28,24 +29,38 @@ def queue_workers(repo) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy):
+    # Long enough (about 12 s of training on an idle core) that the second run starts while the first trains.
+    overrides = (
+        "+experiment=higgs_capacity model=tiny trainer.max_epochs=500"
+        " callbacks.early_stopping.patience=500"
+    )
     for name, seeds in (("tiny-s0", "0"), ("tiny-s1", "1")):
         run(
             [
                 *("dvc", "exp", "run", "--queue", "train@higgs-tiny", "-n", name),
                 *("-S", "study.profile=debug", "-S", f"study.seeds='{seeds}'"),
+                *("-S", f"variants.higgs-tiny.overrides='{overrides}'"),
             ],
             repo_copy,
         )
     # As from a terminal: with pipes, `dvc queue start` would wait for its workers, which
-    # inherit them.
-    subprocess.run(
-        ["dvc", "queue", "start", "-j", "2"],
+    # inherit them. The second worker starts once the first experiment runs, as
+    # docs/pipeline.md advises: two workers setting up or cleaning up at the same moment
+    # can fail a task on git's packed-refs lock (DVC issue #10673).
+    start_worker = functools.partial(
+        subprocess.run,
         cwd=repo_copy,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         check=True,
     )
+    start_worker(["dvc", "queue", "start"])
+    deadline = time.monotonic() + 120
+    while "Running" not in run(["dvc", "queue", "status"], repo_copy).stdout:
+        assert time.monotonic() < deadline, "the first queued experiment never started"
+        time.sleep(1)
+    start_worker(["dvc", "queue", "start", "-j", "2"])
     seen: dict[int, psutil.Process] = {}  # every worker seen, to be sure all are gone at the end
     try:
         deadline = time.monotonic() + 600
@@ -55,7 +70,17 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
             if "Queued" not in status and "Running" not in status:
                 break
             time.sleep(2)
-        assert status.count("Success") == 2, status
+        if status.count("Success") != 2:
+            # DVC keeps no stage log for a task that failed before its stage ran; the
+            # celery workers' own logs say why.
+            workers = sorted((repo_copy / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.out"))
+            logs = [p.read_text(errors="replace")[-3000:] for p in workers]
+            for name in ("tiny-s0", "tiny-s1"):  # the stage output, when a stage ran
+                shown = subprocess.run(
+                    ["dvc", "queue", "logs", name], cwd=repo_copy, capture_output=True, text=True
+                )
+                logs.append(f"{name}: {shown.stdout[-3000:]}{shown.stderr[-500:]}")
+            pytest.fail(status + "\n" + "\n----\n".join(logs))
         assert seen, "no `dvc exp queue-worker` process was seen"
     finally:
         run(["dvc", "queue", "stop"], repo_copy)
