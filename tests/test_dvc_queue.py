@@ -29,7 +29,7 @@ def queue_workers(repo) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy):
-    # Long enough (about 12 s of training on an idle core) that the second run starts while the first trains.
+    # Long enough (about 12 s of training on an idle core) for the runs to overlap.
     overrides = (
         "+experiment=higgs_capacity model=tiny trainer.max_epochs=500"
         " callbacks.early_stopping.patience=500"
