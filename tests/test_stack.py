@@ -68,6 +68,18 @@ def test_env_file_is_private_and_sources(team_stack, tmp_path):
     assert env[stack.RAY_ADDRESS_ENV] == team_stack.ray_address
 
 
+def test_ray_head_runs_a_task_for_a_client_with_the_stack_env(team_stack):
+    code = (
+        "import os, ray; ray.init(address=os.environ['FITSCOPE_RAY_ADDRESS'], "
+        "log_to_driver=False); print('sum', ray.get(ray.remote(lambda: 1 + 1).remote()))"
+    )
+    env = {**os.environ, **team_stack.client_env()}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "sum 2" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_every_listening_socket_is_loopback(team_stack):
     import psutil
 

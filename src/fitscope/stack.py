@@ -91,9 +91,18 @@ class StackInfo:
             "MLFLOW_TRACKING_USERNAME": ADMIN_USER,
             "MLFLOW_TRACKING_PASSWORD": self.credentials["admin_password"],
             RAY_ADDRESS_ENV: self.ray_address,
-            # Ray 2.60 turns token auth on for the head; its clients must say so too.
+            # The head requires the stack's token (a stray ~/.ray/auth_token from a local
+            # `ray.init()` would otherwise switch clients to a token the head never saw).
             "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
+            # A client rewrites 127.0.0.1 to the machine's address unless told it is a
+            # one-machine cluster; the loopback-only head is not listening there.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
+
+    @property
+    def ray_token_file(self) -> Path:
+        return self.state_dir / "ray_token"
 
     def s3_client(self):
         """A boto3 client on the stack's S3 store."""
@@ -156,7 +165,10 @@ def _load_state(state_dir: Path, ports: dict[str, int] | None) -> tuple[dict, di
         "flask_secret_key": secrets.token_hex(32),
         "s3_access_key": "fitscope" + secrets.token_hex(6),
         "s3_secret_key": secrets.token_urlsafe(24),
+        "ray_token": secrets.token_hex(32),
     }
+    # Ray's cluster token (stacks saved before it existed get one now).
+    creds.setdefault("ray_token", secrets.token_hex(32))
     merged = {**DEFAULT_PORTS, **saved.get("ports", {}), **(ports or {})}
     _write_private(path, json.dumps({"ports": merged, "credentials": creds}, indent=2))
     return merged, creds
@@ -466,8 +478,14 @@ def _start_ray(info: StackInfo):
         f"--temp-dir={_ray_temp_dir(info.state_dir)}",
         f"--num-cpus={os.cpu_count() or 1}",
     ]
-    # Without it Ray advertises the machine's network address, not loopback.
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    _write_private(info.ray_token_file, info.credentials["ray_token"])
+    env = {
+        # Without it Ray advertises the machine's network address, not loopback.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # `ray start` leaves token auth off unless told (a local `ray.init()` turns it on).
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(info.ray_token_file),
+    }
     proc = _spawn(info.state_dir, "ray", cmd, env=env)
     _wait("ray", info.state_dir, proc, lambda: _tcp_open(p["ray"]), 90)
     return proc
@@ -613,6 +631,9 @@ def configure_dvc_remote(info: StackInfo, repo: str | Path = ".") -> None:
         ["modify", "--local", DVC_REMOTE, "secret_access_key", info.credentials["s3_secret_key"]],
     ):
         proc = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
+        local = Path(repo) / ".dvc" / "config.local"
+        if local.exists():  # it holds the S3 secret
+            local.chmod(0o600)
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
             raise FitscopeError(
