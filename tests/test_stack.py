@@ -94,6 +94,48 @@ def test_every_listening_socket_is_loopback(team_stack):
     assert all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening), listening
 
 
+def test_a_port_in_use_is_one_line_error_naming_the_component_and_its_log(tmp_path):
+    import socket
+
+    import psutil
+
+    ports = stack.free_ports()
+    with socket.socket() as busy:
+        busy.bind((stack.HOST, ports["postgres"]))
+        busy.listen()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fitscope.cli",
+                "stack",
+                "up",
+                "--state-dir",
+                str(tmp_path),
+                "--components",
+                "postgres",
+                "--no-dvc-remote",
+                "--env-file",
+                str(tmp_path / "stack.env"),
+                "--port",
+                f"postgres={ports['postgres']}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "stack component postgres exited" in line and str(tmp_path / "postgres.log") in line
+    assert "could not" in (tmp_path / "postgres.log").read_text()  # PostgreSQL's own words
+    assert not (tmp_path / "postgres.pid").exists()  # nothing left to stop
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(tmp_path / "pgdata") in " ".join(p.info["cmdline"] or [])
+    ]
+
+
 def test_unknown_component_is_one_line_error(tmp_path):
     proc = subprocess.run(
         [
@@ -145,7 +187,8 @@ def _clone(team_stack, dest):
 def team_repo(team_stack, tmp_path_factory):
     """`source stack.env && dvc repro && dvc push --run-cache` on a fresh clone."""
     repo = _clone(team_stack, tmp_path_factory.mktemp("team") / "repo")
-    out = run(["dvc", "repro"], repo, env=team_stack.client_env()).stdout
+    # `report` and what it needs (the MNIST data stages are not needed here).
+    out = run(["dvc", "repro", "report"], repo, env=team_stack.client_env()).stdout
     assert f"Running stage 'train@{VARIANT}'" in out and "Running stage 'report'" in out
     run(["dvc", "push", "--run-cache"], repo)
     return repo

@@ -129,14 +129,15 @@ def _port_free(port: int) -> bool:
 def free_ports() -> dict[str, int]:
     """A free loopback port for every entry of DEFAULT_PORTS (tests, side-by-side stacks).
 
-    Each port + 10000 is free too (SeaweedFS's gRPC ports), all in 20000-45535.
+    Each port + 10000 is free too (SeaweedFS's gRPC ports). They are drawn from
+    41000-45535, so neither they nor their + 10000 meet the defaults (25000-39333).
     """
     import random
 
     chosen: dict[str, int] = {}
     rng = random.SystemRandom()
     while len(chosen) < len(DEFAULT_PORTS):
-        port = rng.randrange(20000, 45535)
+        port = rng.randrange(41000, 45535)
         taken = {*chosen.values(), *(p + 10000 for p in chosen.values())}
         if {port, port + 10000} & taken or not (_port_free(port) and _port_free(port + 10000)):
             continue
@@ -525,7 +526,8 @@ def start_stack(
     """Start the components not already running; return where the stack answers.
 
     ``ports`` overrides :data:`DEFAULT_PORTS` (and is remembered for the next start). A
-    component that fails to start stops the ones this call started, then raises.
+    component that fails to start (or to answer in time) stops itself and the ones this
+    call started, then raises.
     """
     chosen = _check_components(components)
     state_dir = Path(state_dir).resolve()
@@ -537,8 +539,8 @@ def start_stack(
         for name in chosen:
             proc = _recorded_process(state_dir, name)
             if proc is None:
+                started.append(name)  # first: one that hangs unready is stopped too
                 proc = STARTERS[name](info)
-                started.append(name)
             info.pids[name] = proc.pid
     except BaseException:
         for name in reversed(started):
