@@ -317,3 +317,6 @@ def test_stop_by_pid_then_start_keeps_runs_models_and_credentials(team_stack, te
         for key in env:
             os.environ.pop(key, None)
     assert _search_experiments(again, again.credentials["admin_password"]) == 200
+    model_id = _trained(team_repo)["mlflow_model_uri"].removeprefix("models:/")
+    listed = again.s3_client().list_objects_v2(Bucket=stack.BUCKET)["Contents"]
+    assert any(model_id in o["Key"] and o["Key"].endswith("MLmodel") for o in listed)
