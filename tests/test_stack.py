@@ -208,7 +208,9 @@ def _trained(repo) -> dict:
     return json.loads((repo / "runs" / VARIANT / "0" / "metrics.json").read_text())
 
 
-def test_pipeline_logs_run_model_and_alias_to_the_server(team_stack, team_repo, server):
+def test_pipeline_logs_run_model_and_alias_to_the_server(
+    team_stack, team_repo, server, monkeypatch
+):
     import mlflow
     import numpy as np
 
@@ -234,8 +236,9 @@ def test_pipeline_logs_run_model_and_alias_to_the_server(team_stack, team_repo, 
     assert version.tags["fitscope.commit"] == tracked.data.tags["mlflow.source.git.commit"]
     report = (team_repo / "reports" / "study.md").read_text()
     assert tracked.info.run_id in report and f"open {team_stack.tracking_uri}" in report
-    mlflow.set_tracking_uri(team_stack.tracking_uri)
-    mlflow.set_registry_uri(team_stack.tracking_uri)
+    # The server fixture's environment decides (no global URI left to later tests).
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    monkeypatch.setattr("mlflow.tracking._model_registry.utils._registry_uri", None)
     model = mlflow.pyfunc.load_model("models:/fitscope-higgs@debug")
     x = np.load(team_repo / "data/processed/higgs/test_x.npy")[:4]
     assert np.asarray(model.predict(x)).shape == (4, 1)
