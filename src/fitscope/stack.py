@@ -578,6 +578,8 @@ def _stop_component(state_dir: Path, name: str) -> bool:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=5)
+    if name == "ray":  # session files only (Ray keeps no data between starts)
+        shutil.rmtree(_ray_temp_dir(state_dir), ignore_errors=True)
     return True
 
 
