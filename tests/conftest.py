@@ -321,6 +321,19 @@ def flip_silently(body: bytes, n_lines: int) -> bytes:
     raise AssertionError("no silent bit flip found")
 
 
+@pytest.fixture(scope="session")
+def team_stack(tmp_path_factory):
+    """The real team stack (fitscope.stack) on free loopback ports, stopped by PID at the end."""
+    from fitscope import stack
+
+    state = tmp_path_factory.mktemp("stack")
+    info = stack.start_stack(state, stack.free_ports())
+    try:
+        yield info
+    finally:
+        stack.stop_stack(state)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """The slow end-to-end tests first: `make test`'s two workers (one file at a time) start
     on the long files together and the quick ones fill the gaps."""
