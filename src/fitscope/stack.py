@@ -91,9 +91,14 @@ class StackInfo:
             "MLFLOW_TRACKING_USERNAME": ADMIN_USER,
             "MLFLOW_TRACKING_PASSWORD": self.credentials["admin_password"],
             RAY_ADDRESS_ENV: self.ray_address,
-            # Ray 2.60 turns token auth on for the head; its clients must say so too.
+            # The head requires a token (_start_ray); its clients must say so and have it.
             "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
         }
+
+    @property
+    def ray_token_file(self) -> Path:
+        return self.state_dir / "ray_auth_token"
 
     def s3_client(self):
         """A boto3 client on the stack's S3 store."""
@@ -466,8 +471,16 @@ def _start_ray(info: StackInfo):
         f"--temp-dir={_ray_temp_dir(info.state_dir)}",
         f"--num-cpus={os.cpu_count() or 1}",
     ]
-    # Without it Ray advertises the machine's network address, not loopback.
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Anyone who can reach the head could run code on it: require a token (a file of the
+    # stack's own, not ~/.ray/auth_token, which other Ray users on the machine share).
+    if not info.ray_token_file.is_file():
+        _write_private(info.ray_token_file, secrets.token_hex(32))
+    env = {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(info.ray_token_file),
+        # Without it Ray advertises the machine's network address, not loopback.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
     proc = _spawn(info.state_dir, "ray", cmd, env=env)
     _wait("ray", info.state_dir, proc, lambda: _tcp_open(p["ray"]), 90)
     return proc
