@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import runs_of
+from conftest import last_error_line, runs_of
 
 from fitscope import tracking
 
@@ -35,18 +36,14 @@ def stack_env(team_stack, monkeypatch) -> dict[str, str]:
 
 def sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python -m fitscope.train -m ARGS` in ``cwd`` with this process's environment."""
-    import time; t0 = time.time()  # TEMP
-    try:
-      return subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "fitscope.train", "-m", *args],
         cwd=cwd,
         env=os.environ.copy(),
         capture_output=True,
         text=True,
         timeout=300,
-      )
-    finally:
-      print("TEMP sweep", args[:2], time.time() - t0)
+    )
 
 
 def job_metrics(sweep_root: Path) -> dict[int, dict]:
@@ -125,13 +122,14 @@ def test_optuna_search_runs_through_ray(stack_env, processed_dir, tmp_path):
     assert parents[0].data.metrics["best/val/acc"] == pytest.approx(best)
 
 
-def test_submitit_local_sweep_logs_nested_runs(stack_env, processed_dir, tmp_path):
+def test_submitit_local_sweep_logs_nested_runs(mlflow_uri, processed_dir, tmp_path):
+    # A store of its own (SQLite): the jobs find it, and the parent run, in the environment
+    # they inherit from the sweep, as SLURM jobs do.
     data = f"paths.data_dir={processed_dir}"
     args = ["hydra/launcher=submitit_local", "study=t_submitit", "seed=0,1", data, *DEBUG]
     proc = sweep(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    client = tracking.get_client(stack_env["MLFLOW_TRACKING_URI"])
-    children = nested_finished_children(client, "t_submitit", 2)
+    children = nested_finished_children(tracking.get_client(mlflow_uri), "t_submitit", 2)
     # Each job ran in a process of its own, not in the sweep's.
     assert len({tracking.run_owner(c).pid for c in children}) == 2
     assert sorted(job_metrics(tmp_path / "multirun" / "t_submitit")) == [0, 1]
@@ -160,3 +158,14 @@ def test_slurm_preset_composes_for_a_site(tmp_path):
     assert "partition: cpu" in proc.stdout
     assert "export: ALL" in proc.stdout
     assert "cpus_per_task: 1" in proc.stdout
+
+
+def test_unreachable_ray_head_is_one_line_before_any_run(mlflow_uri, processed_dir, tmp_path):
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["hydra/launcher=ray", f"hydra.launcher.ray.init.address=127.0.0.1:{port}"]
+    proc = sweep([*args, "study=t_noray", "seed=0,1", f"paths.data_dir={processed_dir}"], tmp_path)
+    line = last_error_line(proc, 2)
+    assert line.startswith(f"fitscope: error: no Ray head answers at 127.0.0.1:{port}. Fix:")
+    assert tracking.get_client(mlflow_uri).get_experiment_by_name("t_noray") is None

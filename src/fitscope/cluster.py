@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 
 from omegaconf import DictConfig, OmegaConf
+
+from fitscope.errors import FitscopeError
 
 JOB_CWD_ENV = "FITSCOPE_JOB_CWD"  # the driver's directory: relative paths mean the same there
 
@@ -56,7 +59,8 @@ def setup_worker() -> None:
 
 
 def prepare_driver(launcher: DictConfig) -> None:
-    """Ready this process to drive ``launcher`` (called when a sweep starts).
+    """Ready this process to drive ``launcher`` (called when a sweep starts, before any
+    run exists): a Ray head that does not answer is a one-line error, not a hang.
 
     A Ray head bound to loopback (a one-machine stack) needs a loopback driver: left to
     itself Ray resolves 127.0.0.1 to the machine's network address and waits for the head
@@ -64,11 +68,21 @@ def prepare_driver(launcher: DictConfig) -> None:
     """
     if "hydra_ray_launcher" not in str(launcher.get("_target_", "")):
         return
-    host = str(OmegaConf.select(launcher, "ray.init.address") or "").removeprefix("ray://")
-    host = host.rpartition(":")[0]
+    address = str(OmegaConf.select(launcher, "ray.init.address") or "")
+    if address in ("", "auto", "local"):
+        return  # a Ray started for this sweep (or found by Ray itself)
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except (OSError, ValueError):
+        raise FitscopeError(
+            f"no Ray head answers at {address}. Fix: start it (`make stack`, then "
+            "`source stack.env`) or correct FITSCOPE_RAY_ADDRESS / "
+            "hydra.launcher.ray.init.address"
+        ) from None
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name, or no address (a Ray started for this sweep)
+    except ValueError:  # a host name
         loopback = False
     if loopback:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
