@@ -91,14 +91,18 @@ class StackInfo:
             "MLFLOW_TRACKING_USERNAME": ADMIN_USER,
             "MLFLOW_TRACKING_PASSWORD": self.credentials["admin_password"],
             RAY_ADDRESS_ENV: self.ray_address,
-            # The head requires a token (_start_ray); its clients must say so and have it.
+            # The head requires the stack's token (a stray ~/.ray/auth_token from a local
+            # `ray.init()` would otherwise switch clients to a token the head never saw).
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
+            # A client rewrites 127.0.0.1 to the machine's address unless told it is a
+            # one-machine cluster; the loopback-only head is not listening there.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
 
     @property
     def ray_token_file(self) -> Path:
-        return self.state_dir / "ray_auth_token"
+        return self.state_dir / "ray_token"
 
     def s3_client(self):
         """A boto3 client on the stack's S3 store."""
@@ -125,14 +129,15 @@ def _port_free(port: int) -> bool:
 def free_ports() -> dict[str, int]:
     """A free loopback port for every entry of DEFAULT_PORTS (tests, side-by-side stacks).
 
-    Each port + 10000 is free too (SeaweedFS's gRPC ports), all in 20000-45535.
+    Each port + 10000 is free too (SeaweedFS's gRPC ports). They are drawn from
+    41000-45535, so neither they nor their + 10000 meet the defaults (25000-39333).
     """
     import random
 
     chosen: dict[str, int] = {}
     rng = random.SystemRandom()
     while len(chosen) < len(DEFAULT_PORTS):
-        port = rng.randrange(20000, 45535)
+        port = rng.randrange(41000, 45535)
         taken = {*chosen.values(), *(p + 10000 for p in chosen.values())}
         if {port, port + 10000} & taken or not (_port_free(port) and _port_free(port + 10000)):
             continue
@@ -161,7 +166,10 @@ def _load_state(state_dir: Path, ports: dict[str, int] | None) -> tuple[dict, di
         "flask_secret_key": secrets.token_hex(32),
         "s3_access_key": "fitscope" + secrets.token_hex(6),
         "s3_secret_key": secrets.token_urlsafe(24),
+        "ray_token": secrets.token_hex(32),
     }
+    # Ray's cluster token (stacks saved before it existed get one now).
+    creds.setdefault("ray_token", secrets.token_hex(32))
     merged = {**DEFAULT_PORTS, **saved.get("ports", {}), **(ports or {})}
     _write_private(path, json.dumps({"ports": merged, "credentials": creds}, indent=2))
     return merged, creds
@@ -474,15 +482,13 @@ def _start_ray(info: StackInfo):
         f"--temp-dir={_ray_temp_dir(info.state_dir)}",
         f"--num-cpus={os.cpu_count() or 1}",
     ]
-    # Anyone who can reach the head could run code on it: require a token (a file of the
-    # stack's own, not ~/.ray/auth_token, which other Ray users on the machine share).
-    if not info.ray_token_file.is_file():
-        _write_private(info.ray_token_file, secrets.token_hex(32))
+    _write_private(info.ray_token_file, info.credentials["ray_token"])
     env = {
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(info.ray_token_file),
         # Without it Ray advertises the machine's network address, not loopback.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # `ray start` leaves token auth off unless told (a local `ray.init()` turns it on).
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(info.ray_token_file),
     }
     proc = _spawn(info.state_dir, "ray", cmd, env=env)
     _wait("ray", info.state_dir, proc, lambda: _tcp_open(p["ray"]), 90)
@@ -523,7 +529,8 @@ def start_stack(
     """Start the components not already running; return where the stack answers.
 
     ``ports`` overrides :data:`DEFAULT_PORTS` (and is remembered for the next start). A
-    component that fails to start stops the ones this call started, then raises.
+    component that fails to start (or to answer in time) stops itself and the ones this
+    call started, then raises.
     """
     chosen = _check_components(components)
     state_dir = Path(state_dir).resolve()
@@ -535,8 +542,8 @@ def start_stack(
         for name in chosen:
             proc = _recorded_process(state_dir, name)
             if proc is None:
+                started.append(name)  # first: one that hangs unready is stopped too
                 proc = STARTERS[name](info)
-                started.append(name)
             info.pids[name] = proc.pid
     except BaseException:
         for name in reversed(started):
@@ -549,8 +556,9 @@ def start_stack(
 
 
 # Seconds to wait after the stop signal before SIGKILL. SeaweedFS's volume server is down
-# (its data flushed) in a second, but its filer then waits ~17 s on the S3 gateway's stream.
-STOP_GRACE_S = {"postgres": 30.0, "s3": 8.0, "mlflow": 15.0, "ray": 15.0}
+# (its data flushed) in a second, but its filer then waits ~17 s on the S3 gateway's stream;
+# `ray start --block` itself never exits on SIGTERM (its children do, within seconds).
+STOP_GRACE_S = {"postgres": 30.0, "s3": 8.0, "mlflow": 15.0, "ray": 5.0}
 
 
 def _stop_component(state_dir: Path, name: str) -> bool:
@@ -628,6 +636,9 @@ def configure_dvc_remote(info: StackInfo, repo: str | Path = ".") -> None:
         ["modify", "--local", DVC_REMOTE, "secret_access_key", info.credentials["s3_secret_key"]],
     ):
         proc = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
+        local = Path(repo) / ".dvc" / "config.local"
+        if local.exists():  # it holds the S3 secret
+            local.chmod(0o600)
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
             raise FitscopeError(
