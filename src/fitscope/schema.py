@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fitscope.cluster import job_env
 from fitscope.config import check_choice, check_name, check_number
 from fitscope.errors import FitscopeError
 
@@ -302,6 +303,11 @@ def variant_name(data: str, model: str, regularization: str, base_model: str, ba
 
 if not OmegaConf.has_resolver("fitscope.variant"):
     OmegaConf.register_new_resolver("fitscope.variant", variant_name)
+
+
+# `${fitscope.job_env:}` in the Ray launcher preset: not cached, it is read at launch time.
+if not OmegaConf.has_resolver("fitscope.job_env"):
+    OmegaConf.register_new_resolver("fitscope.job_env", job_env)
 
 
 def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:

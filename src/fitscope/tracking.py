@@ -785,6 +785,7 @@ class RunTracker:
     ) -> None:
         """The data a run used, as MLflow's run input (the UI's Dataset column)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         dataset = Dataset(
             name=name,
@@ -794,7 +795,13 @@ class RunTracker:
             profile=json.dumps(profile),
         )
         tags = [InputTag("mlflow.data.context", context)]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+        inputs = [DatasetInput(dataset, tags)]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException:
+            # Concurrent jobs of a sweep (Ray, joblib) insert the same dataset row at once:
+            # the store refuses the loser's insert (unique constraint); that row exists now.
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_model(self, model, example, step: int, registered_name: str | None = None):
         """Log ``model`` (eval mode) with a signature and an input example; return ModelInfo.

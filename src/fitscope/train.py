@@ -29,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fitscope import schema
+from fitscope.cluster import prepare_driver
 from fitscope.errors import FitscopeError
 from fitscope.fileio import atomic_path, check_writable_dir, write_json
 from fitscope.progress import JOBS_DONE_FILE, LineProgress, job_done
@@ -608,6 +609,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Every job is checked before anything exists: a bad job creates no parent run.
         jobs = validate_jobs(config, validate)
+        prepare_driver(config.hydra.launcher)
         log.info("sweep of %d job(s) validated; outputs in %s", jobs, config.hydra.sweep.dir)
         (Path(config.hydra.sweep.dir) / FAILED_JOBS).unlink(missing_ok=True)
         (Path(config.hydra.sweep.dir) / JOBS_DONE_FILE).unlink(missing_ok=True)
@@ -760,6 +762,9 @@ def main() -> None:
     from fitscope.sweeps import usage_error
 
     inherited = os.environ.get(tracking.PARENT_ENV)
+    # conf/hydra/launcher/ray.yaml replaces the Ray plugin's preset of the same name on
+    # purpose (and is checked against its schema): Hydra's deprecation notice is noise.
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/ray' is validated against")
 
     def close_open_parent(outcome: str) -> None:
         parent = os.environ.pop(tracking.PARENT_ENV, None)
