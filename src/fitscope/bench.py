@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +441,158 @@ def tracking_seconds(tmp: Path, epochs: int, flush_every: int = 25) -> float:
     return time.perf_counter() - start
 
 
+class TrackingServer:
+    """A plain ``mlflow server`` on SQLite at 127.0.0.1:``port``, started and stopped by PID.
+
+    The stand-in for the team stack (fitscope.stack) in the load benchmark and the sync
+    tests: the same REST API, artifacts proxied by the server, job execution off.
+    """
+
+    def __init__(self, state_dir: Path, port: int | None = None) -> None:
+        import socket
+
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if port is None:
+            with socket.socket() as sock:  # a free loopback port
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+        self.port = port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        """Start the server (if it is not running) and wait until it answers."""
+        import urllib.request
+
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        mlflow = Path(sys.executable).with_name("mlflow")
+        if not mlflow.is_file():
+            raise RuntimeError(f"no mlflow at {mlflow}. Fix: make install (pip install mlflow)")
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}"]
+        cmd += ["--artifacts-destination", str(self.state_dir / "artifacts"), "--workers", "1"]
+        with open(self.state_dir / "server.log", "a") as log:
+            # Its own process group: the server and its workers are stopped together.
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.state_dir, stdout=log, stderr=log, env=env, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.state_dir / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"mlflow server exited {self.proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server on {self.uri} not ready after {timeout_s:g} s")
+
+    def stop(self, sig: int = 9) -> None:
+        """Stop the server's process group (SIGKILL by default: a crash, nothing flushed)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and all its child processes."""
+        import psutil
+
+        if self.proc is None:
+            return 0
+        root = psutil.Process(self.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+        total = 0
+        for proc in procs:
+            with suppress(psutil.NoSuchProcess):
+                total += proc.memory_info().rss
+        return total
+
+
+LOAD_ROW = {"val/loss": 0.6, "val/acc": 0.6, "val/auroc": 0.7, "train/loss": 0.6}
+LOAD_ROW |= {"train/acc": 0.6, "train/auroc": 0.7, "train/l2_penalty": 0.0, "lr": 1e-3}
+
+
+def _load_job(uri: str, experiment_id: str, job: int, epochs: int, start_at: float) -> str:
+    """One job of the load benchmark: a run that logs ``epochs`` rows, one request each."""
+    from fitscope import tracking
+
+    client = tracking.get_client(uri)
+    params = {f"group.key{i}": i for i in range(40)}
+    tracker = tracking.RunTracker.create(client, experiment_id, f"load-{job}", params, {})
+    time.sleep(max(0.0, start_at - time.time()))  # every job starts logging together
+    for epoch in range(epochs):
+        tracker.log_rows([{**LOAD_ROW, "epoch": epoch}])
+    tracker.finish()
+    return tracker.run_id
+
+
+def load_figures(jobs: int, epochs: int, uri: str | None = None) -> dict[str, Any]:
+    """Metric points per second that ``jobs`` processes send through one tracking server,
+    each logging every epoch as its own request (``logger.flush_every=1``), checked for
+    lost points afterwards; with the server started here, its peak RSS (all processes).
+    """
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fitscope import tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = None if uri else TrackingServer(Path(tmp) / "server")
+        if server is not None:
+            server.start()
+            uri = server.uri
+        peak, done = [0], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.2):
+                peak[0] = max(peak[0], server.rss_bytes())
+
+        try:
+            client = tracking.get_client(uri)
+            exp = tracking.ensure_experiment(client, f"bench-load-{int(time.time())}")
+            idle = server.rss_bytes() if server else 0
+            sampler = threading.Thread(target=sample, daemon=True)
+            if server is not None:
+                sampler.start()
+            with ProcessPoolExecutor(jobs) as pool:
+                start_at = time.time() + 15  # after every worker has imported MLflow
+                futures = [
+                    pool.submit(_load_job, uri, exp, j, epochs, start_at) for j in range(jobs)
+                ]
+                run_ids = [f.result() for f in futures]
+            wall = time.time() - start_at
+            done.set()
+            lost = sum(
+                epochs - len(client.get_metric_history(r, key)) for r in run_ids for key in LOAD_ROW
+            )
+        finally:
+            done.set()
+            if server is not None:
+                server.stop(15)  # SIGTERM
+    points = jobs * epochs * len(LOAD_ROW)
+    figures = {
+        "load_jobs": jobs,
+        "load_points": points,
+        "load_requests_per_s": jobs * epochs / wall,
+        "load_points_per_s": points / wall,
+        "load_points_lost": lost,
+        "load_server": "plain mlflow server (SQLite, 1 worker)" if server else uri,
+    }
+    if server is not None:
+        figures["load_server_rss_idle_mb"] = idle / 2**20
+        figures["load_server_rss_peak_mb"] = peak[0] / 2**20
+    return figures
+
+
 def study_minutes(profile: str) -> float:
     """Wall minutes of ``dvc repro`` (the study, ``study.profile=profile``) in a scratch copy
     of this checkout (what git tracks plus untracked, unignored files), with its own
@@ -632,9 +784,27 @@ def main(argv: list[str] | None = None) -> None:
         "--ingest-rows", type=int, default=1_000_000, help="synthetic rows (figures per 11M)"
     )
     parser.add_argument("--ingest-file", type=Path, help="ingest this HIGGS.csv.gz instead")
+    parser.add_argument(
+        "--load",
+        type=int,
+        nargs="?",
+        const=8,
+        metavar="JOBS",
+        help="tracking-server load only: JOBS (8) concurrent runs logging every epoch",
+    )
+    parser.add_argument("--load-epochs", type=int, default=200)
+    parser.add_argument(
+        "--load-uri", help="an existing tracking server (default: start a plain one here)"
+    )
     args = parser.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    if args.load:
+        figures = load_figures(args.load, args.load_epochs, args.load_uri)
+        print(f"figures merged into {args.json}:")
+        print_table(figures)
+        record(figures, args.json)
+        return
     if args.ingest:
         report_ingest(args.ingest_rows, args.ingest_file, args.json)
         return
