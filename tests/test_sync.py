@@ -151,10 +151,11 @@ def test_a_run_with_the_server_down_trains_and_sync_uploads_it_once(
 
     # A sync cut short after uploading (the record still there): again, nothing doubles.
     shutil.copytree(saved, record)
-    out = sync(tmp_path, server.uri)
-    assert "0 param(s), 0 metric point(s)" in out and "model already there" in out, out
-    [again] = runs_of(client, "t_sync_down")
-    assert again.info.run_id == run_id and again.info.status == "FINISHED"
+    [again] = tracking.sync_pending(tracking.get_client(server.uri), tmp_path / "mlruns-pending")
+    assert again.done and again.run_id == run_id, again
+    assert "0 param(s), 0 metric point(s)" in again.note and "model already there" in again.note
+    [same] = runs_of(client, "t_sync_down")
+    assert same.info.run_id == run_id and same.info.status == "FINISHED"
     assert len(client.search_logged_models([run.info.experiment_id])) == 1
     assert_every_point(client, run_id, hist)
 
@@ -201,7 +202,7 @@ def test_a_server_killed_mid_run_loses_no_point(processed_dir, tmp_path, server)
     [run] = runs_of(client, "t_sync_kill")  # the same run, no second one
     assert run.info.status == "FINISHED" and "fitscope.failure" not in run.data.tags
     assert_every_point(client, run.info.run_id, hist)
-    assert "synced 0 record(s)" in sync(tmp_path, server.uri)
+    assert tracking.sync_pending(tracking.get_client(server.uri), tmp_path / "mlruns-pending") == []
     assert len(runs_of(client, "t_sync_kill")) == 1
 
 
