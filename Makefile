@@ -12,7 +12,7 @@ export MPLBACKEND := Agg
 # dvc with the venv first on PATH, so its stages find fitscope and fitscope-train.
 DVC := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc
 
-.PHONY: install demo study test test-fast bench lint clean
+.PHONY: install demo study test test-fast bench lint clean stack stack-down
 
 install: $(STAMP)
 
@@ -59,6 +59,14 @@ test-fast: install
 # times the classic study (dvc repro) in a scratch copy.
 bench: install
 	$(BIN)/python -m fitscope.bench $(BENCH_ARGS)
+
+# The local team stack (docs/team.md): PostgreSQL, SeaweedFS S3, MLflow server (basic auth),
+# a Ray head, all on 127.0.0.1; writes stack.env and the DVC remote `team`. Data persists.
+stack: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fitscope stack up
+
+stack-down:
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fitscope stack down
 
 lint: install
 	$(BIN)/ruff check src tests

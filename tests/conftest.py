@@ -176,12 +176,9 @@ def fast_retry():
 
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     """Run a command with the venv's bin first on PATH; fail loudly with its output."""
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        **kwargs.pop("env", {}),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)  # the pipeline uses the repository's own store
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the repository's own store, unless `env` names one
+    env.update(kwargs.pop("env", {}))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -319,6 +316,19 @@ def flip_silently(body: bytes, n_lines: int) -> bytes:
         if got[:n_lines] != want:
             return bytes(bad)
     raise AssertionError("no silent bit flip found")
+
+
+@pytest.fixture(scope="session")
+def team_stack(tmp_path_factory):
+    """The real team stack (fitscope.stack) on free loopback ports, stopped by PID at the end."""
+    from fitscope import stack
+
+    state = tmp_path_factory.mktemp("stack")
+    info = stack.start_stack(state, stack.free_ports())
+    try:
+        yield info
+    finally:
+        stack.stop_stack(state)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

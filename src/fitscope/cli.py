@@ -192,6 +192,37 @@ def cmd_runs_sync(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_stack(args: argparse.Namespace) -> None:
+    from fitscope import stack
+
+    state = Path(args.state_dir)
+    if args.stack_command == "down":
+        stopped = stack.stop_stack(state)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'} (data kept in {state})")
+        return
+    if args.stack_command == "status":
+        for name, pid in stack.stack_status(state).items():
+            print(f"{name:9}{'running, pid ' + str(pid) if pid else 'stopped'}")
+        return
+    ports = {}
+    for item in args.port:
+        name, _, value = item.partition("=")
+        if name not in stack.DEFAULT_PORTS or not value.isdigit():
+            raise FitscopeError(
+                f"--port {item!r} is not NAME=NUMBER. Fix: NAME is one of "
+                f"{', '.join(stack.DEFAULT_PORTS)}"
+            )
+        ports[name] = int(value)
+    info = stack.start_stack(state, ports, args.components)
+    env_file = stack.write_env_file(info, args.env_file)
+    if "s3" in info.pids and not args.no_dvc_remote:
+        stack.configure_dvc_remote(info)
+        print(
+            f"DVC remote '{stack.DVC_REMOTE}' -> {stack.DVC_URI} (credentials in .dvc/config.local)"
+        )
+    print(stack.usage(info, env_file))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fitscope", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="DVC params file")
@@ -288,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", help="pending records (default: $FITSCOPE_PENDING_DIR or ./mlruns-pending)"
     )
     sync.set_defaults(func=cmd_runs_sync)
+
+    team = sub.add_parser("stack", help="the local team stack (docs/team.md)")
+    team.add_argument("stack_command", choices=["up", "down", "status"])
+    team.add_argument("--state-dir", default=".stack", help="PIDs, logs, data, credentials")
+    team.add_argument("--env-file", default="stack.env", help="client settings (mode 600)")
+    team.add_argument(
+        "--port", action="append", default=[], metavar="NAME=N", help="override a port"
+    )
+    team.add_argument(
+        "--components",
+        nargs="+",
+        default=["postgres", "s3", "mlflow", "ray"],
+        help="start only these (mlflow needs postgres and s3)",
+    )
+    team.add_argument(
+        "--no-dvc-remote", action="store_true", help="leave the DVC remote config alone"
+    )
+    team.set_defaults(func=cmd_stack)
     return parser
 
 

@@ -76,6 +76,14 @@ def resolve_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
+def where_to_look(uri: str | None = None) -> str:
+    """Where a person opens the runs of ``uri``: the tracking server, or a local `mlflow ui`."""
+    uri = uri or resolve_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return "`.venv/bin/mlflow ui`, then open http://127.0.0.1:5000"
+
+
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
@@ -632,8 +640,11 @@ def register_version(
     """
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description=model_description)
+    # A tracking server only accepts a logged model's `models:/<model_id>` source when the
+    # request names that model id too (a local store infers it).
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(
-        name, model_uri, run_id=run_id, tags=tags, description=description
+        name, model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id
     )
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

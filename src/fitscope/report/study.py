@@ -15,6 +15,7 @@ from fitscope.errors import FitscopeError
 from fitscope.evaluate import seed_dirs
 from fitscope.fileio import atomic_path, write_csv
 from fitscope.report.plotting import pyplot, save_png
+from fitscope.tracking import where_to_look
 
 # Variants drawn as the reference curve in another study's figure (the classic plots do).
 BASELINES = {"higgs_regularization": "higgs-large", "mnist_augment": "mnist-none"}
@@ -416,7 +417,7 @@ def write_study_report(
         md += [f"### {study_name}\n", f"![{study_name}](figures/{png.name})\n"]
     md.append("## Registered champions\n")
     md += [f"- {d}: `{c}`" for d, c in champions.items()] or ["- none (runs were not tracked)"]
-    md.append("\nCompare runs interactively: `mlflow ui` (then http://127.0.0.1:5000).\n")
+    md.append(f"\nCompare runs interactively: {where_to_look()}.\n")
     md_text = "\n".join(md)
     with atomic_path(out / "study.md") as tmp:
         tmp.write_text(md_text)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fitscope.report.study import champion, comparison_rows, load_results, registry_alias
+from fitscope.tracking import where_to_look
 
 # The terminal shows these columns of the report's table (the report has them all).
 COLUMNS = (
@@ -68,4 +69,4 @@ def print_summary(
     out = Path(out)
     con.print(f"report:  {out / 'study.md'}  (self-contained: {out / 'study.html'})")
     con.print(f"figures: {out / 'figures'}/*.png, curves for `dvc plots show` in {out / 'curves'}")
-    con.print("MLflow:  .venv/bin/mlflow ui, then open http://127.0.0.1:5000 (Model training view)")
+    con.print(f"MLflow:  {where_to_look()} (Model training view)")

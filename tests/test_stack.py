@@ -1,0 +1,264 @@
+"""The team stack (fitscope.stack): real PostgreSQL, SeaweedFS S3, MLflow server, Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from base64 import b64encode
+
+import pytest
+from conftest import make_repo_copy, run
+
+from fitscope import stack
+
+pytestmark = pytest.mark.slow
+
+
+def _search_experiments(info: stack.StackInfo, password: str | None) -> int:
+    """HTTP status of a REST call, with the admin's credentials or none."""
+    req = urllib.request.Request(
+        f"{info.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    )
+    if password is not None:
+        token = b64encode(f"{stack.ADMIN_USER}:{password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_server_refuses_anonymous_and_accepts_the_admin(team_stack):
+    assert _search_experiments(team_stack, None) == 401
+    assert _search_experiments(team_stack, "wrong-password") == 401
+    assert _search_experiments(team_stack, team_stack.credentials["admin_password"]) == 200
+
+
+def test_s3_refuses_unknown_keys(team_stack):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    stranger = boto3.client(
+        "s3",
+        endpoint_url=team_stack.s3_endpoint,
+        aws_access_key_id="nobody",
+        aws_secret_access_key="nothing",
+        region_name="us-east-1",
+    )
+    with pytest.raises(ClientError):
+        stranger.list_objects_v2(Bucket=stack.BUCKET)
+    assert team_stack.s3_client().head_bucket(Bucket=stack.BUCKET)
+
+
+def test_env_file_is_private_and_sources(team_stack, tmp_path):
+    env_file = stack.write_env_file(team_stack, tmp_path / "stack.env")
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    shown = subprocess.run(
+        ["bash", "-c", f"source {env_file} && env"], capture_output=True, text=True, check=True
+    ).stdout
+    env = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    assert env["MLFLOW_TRACKING_URI"] == team_stack.tracking_uri
+    assert env["MLFLOW_TRACKING_PASSWORD"] == team_stack.credentials["admin_password"]
+    assert env[stack.RAY_ADDRESS_ENV] == team_stack.ray_address
+
+
+def test_every_listening_socket_is_loopback(team_stack):
+    import psutil
+
+    pids = set()
+    for pid in team_stack.pids.values():
+        proc = psutil.Process(pid)
+        pids |= {proc.pid, *(c.pid for c in proc.children(recursive=True))}
+    listening = [c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in pids]
+    assert {team_stack.ports[k] for k in ("postgres", "s3", "mlflow", "ray")} <= {
+        c.laddr.port for c in listening
+    }
+    assert all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening), listening
+
+
+def test_unknown_component_is_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fitscope.cli",
+            "stack",
+            "up",
+            "--state-dir",
+            str(tmp_path),
+            "--components",
+            "mlflow",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "mlflow needs postgres, s3" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "state.json").exists()  # refused before anything started
+
+
+# -- "works unchanged" against the stack, and the DVC remote ---------------------------------
+
+VARIANT = "higgs-tiny"
+
+
+def _debug_study(repo) -> None:
+    """params.yaml of a one-variant debug study (the same edit in every clone)."""
+    import yaml
+
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["study"]["profile"] = "debug"
+    params["variants"] = {VARIANT: params["variants"][VARIANT]}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _clone(team_stack, dest):
+    """A teammate's fresh clone: the same commit and params, the DVC remote configured."""
+    repo = make_repo_copy(dest)
+    _debug_study(repo)
+    stack.configure_dvc_remote(team_stack, repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def team_repo(team_stack, tmp_path_factory):
+    """`source stack.env && dvc repro && dvc push --run-cache` on a fresh clone."""
+    repo = _clone(team_stack, tmp_path_factory.mktemp("team") / "repo")
+    out = run(["dvc", "repro"], repo, env=team_stack.client_env()).stdout
+    assert f"Running stage 'train@{VARIANT}'" in out and "Running stage 'report'" in out
+    run(["dvc", "push", "--run-cache"], repo)
+    return repo
+
+
+@pytest.fixture
+def server(team_stack, monkeypatch):
+    """An MlflowClient on the stack's server, with the credentials stack.env exports."""
+    from fitscope.tracking import get_client
+
+    for key, value in team_stack.client_env().items():
+        monkeypatch.setenv(key, value)
+    return get_client()
+
+
+def _trained(repo) -> dict:
+    return json.loads((repo / "runs" / VARIANT / "0" / "metrics.json").read_text())
+
+
+def test_pipeline_logs_run_model_and_alias_to_the_server(team_stack, team_repo, server):
+    import mlflow
+    import numpy as np
+
+    trained = _trained(team_repo)
+    tracked = server.get_run(trained["mlflow_run_id"])
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.params["model.name"] and tracked.data.tags["fitscope.variant"] == VARIANT
+    epochs = [m.step for m in server.get_metric_history(tracked.info.run_id, "val/loss")]
+    assert epochs == list(range(len(epochs))) and len(epochs) >= 2
+    assert tracked.data.metrics["best/val/loss"] == pytest.approx(trained["best_val_loss"])
+    # The model's files are in the S3 bucket (the server proxies them), not on local disk.
+    model_id = trained["mlflow_model_uri"].removeprefix("models:/")
+    keys = [
+        o["Key"]
+        for o in team_stack.s3_client().list_objects_v2(Bucket=stack.BUCKET)["Contents"]
+        if model_id in o["Key"]
+    ]
+    assert any(k.endswith("MLmodel") for k in keys), keys
+    assert not (team_repo / "mlartifacts").exists() and not (team_repo / "mlflow.db").exists()
+    version = server.get_model_version_by_alias("fitscope-higgs", "debug")
+    assert version.run_id == tracked.info.run_id
+    # The report stage read the run back from the server: its commit is on the version.
+    assert version.tags["fitscope.commit"] == tracked.data.tags["mlflow.source.git.commit"]
+    report = (team_repo / "reports" / "study.md").read_text()
+    assert tracked.info.run_id in report and f"open {team_stack.tracking_uri}" in report
+    mlflow.set_tracking_uri(team_stack.tracking_uri)
+    mlflow.set_registry_uri(team_stack.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/fitscope-higgs@debug")
+    x = np.load(team_repo / "data/processed/higgs/test_x.npy")[:4]
+    assert np.asarray(model.predict(x)).shape == (4, 1)
+
+
+def _digests(repo, *paths: str) -> dict[str, str]:
+    import hashlib
+
+    found = {}
+    for top in paths:
+        for f in sorted((repo / top).rglob("*")):
+            if f.is_file():
+                found[str(f.relative_to(repo))] = hashlib.md5(f.read_bytes()).hexdigest()
+    return found
+
+
+OUTPUTS = ("data/raw/higgs", "data/processed/higgs", f"runs/{VARIANT}")
+
+
+def test_dvc_push_then_pull_on_another_clone_restores_data_splits_and_model(
+    team_stack, team_repo, tmp_path
+):
+    clone = _clone(team_stack, tmp_path / "clone")
+    (clone / "dvc.lock").write_text((team_repo / "dvc.lock").read_text())
+    run(["dvc", "pull", "fetch_higgs", "split_higgs", f"train@{VARIANT}"], clone)
+    want = _digests(team_repo, *OUTPUTS)
+    assert any(k.endswith(".npy") for k in want) and any("model" in k for k in want), want
+    assert _digests(clone, *OUTPUTS) == want
+
+
+def test_fresh_clone_gets_the_trained_stage_from_the_run_cache(
+    team_stack, team_repo, server, tmp_path
+):
+    runs_before = server.search_runs(
+        [e.experiment_id for e in server.search_experiments()], max_results=1000
+    )
+    clone = _clone(team_stack, tmp_path / "fresh")
+    assert f"train@{VARIANT}" not in (clone / "dvc.lock").read_text()  # nothing trained here
+    # --pull: the run cache and the outputs its entries name (`dvc pull --run-cache` alone
+    # fails on the stages this clone's dvc.lock does not record, docs/team.md).
+    cmd = ["dvc", "repro", "--pull", f"train@{VARIANT}"]
+    out = run(cmd, clone, env=team_stack.client_env()).stdout
+    assert f"Stage 'train@{VARIANT}' is cached - skipping run, checking out outputs" in out
+    assert f"Running stage 'train@{VARIANT}'" not in out
+    assert _digests(clone, f"runs/{VARIANT}") == _digests(team_repo, f"runs/{VARIANT}")
+    runs_after = server.search_runs(
+        [e.experiment_id for e in server.search_experiments()], max_results=1000
+    )
+    assert len(runs_after) == len(runs_before)  # no new MLflow run: nothing retrained
+
+
+def test_stop_by_pid_then_start_keeps_runs_models_and_credentials(team_stack, team_repo):
+    """Last in this file: it restarts the module's stack in place."""
+    import psutil
+
+    from fitscope.tracking import get_client
+
+    procs = []
+    for pid in team_stack.pids.values():
+        proc = psutil.Process(pid)
+        procs += [proc, *proc.children(recursive=True)]
+    assert stack.stop_stack(team_stack.state_dir) == ["ray", "mlflow", "s3", "postgres"]
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert stack.stack_status(team_stack.state_dir) == dict.fromkeys(stack.COMPONENTS)
+
+    again = stack.start_stack(team_stack.state_dir)  # ports and credentials from its state
+    team_stack.pids.update(again.pids)
+    assert again.credentials == team_stack.credentials and again.ports == team_stack.ports
+    env = again.client_env()
+    os.environ.update(env)  # restored below: the client reads credentials from the environment
+    try:
+        client = get_client(again.tracking_uri)
+        tracked = client.get_run(_trained(team_repo)["mlflow_run_id"])
+        assert tracked.info.status == "FINISHED"
+        assert client.get_model_version_by_alias("fitscope-higgs", "debug").run_id == (
+            tracked.info.run_id
+        )
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+    assert _search_experiments(again, again.credentials["admin_password"]) == 200
