@@ -441,80 +441,18 @@ def tracking_seconds(tmp: Path, epochs: int, flush_every: int = 25) -> float:
     return time.perf_counter() - start
 
 
-class TrackingServer:
-    """A plain ``mlflow server`` on SQLite at 127.0.0.1:``port``, started and stopped by PID.
+def stack_rss_bytes(pids: dict[str, int]) -> int:
+    """Resident memory of the stack's processes (``StackInfo.pids``) and all their children."""
+    import psutil
 
-    The stand-in for the team stack (fitscope.stack) in the load benchmark and the sync
-    tests: the same REST API, artifacts proxied by the server, job execution off.
-    """
-
-    def __init__(self, state_dir: Path, port: int | None = None) -> None:
-        import socket
-
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        if port is None:
-            with socket.socket() as sock:  # a free loopback port
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-        self.port = port
-        self.uri = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 90.0) -> None:
-        """Start the server (if it is not running) and wait until it answers."""
-        import urllib.request
-
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        mlflow = Path(sys.executable).with_name("mlflow")
-        if not mlflow.is_file():
-            raise RuntimeError(f"no mlflow at {mlflow}. Fix: make install (pip install mlflow)")
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}"]
-        cmd += ["--artifacts-destination", str(self.state_dir / "artifacts"), "--workers", "1"]
-        with open(self.state_dir / "server.log", "a") as log:
-            # Its own process group: the server and its workers are stopped together.
-            self.proc = subprocess.Popen(
-                cmd, cwd=self.state_dir, stdout=log, stderr=log, env=env, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = (self.state_dir / "server.log").read_text()[-2000:]
-                raise RuntimeError(f"mlflow server exited {self.proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server on {self.uri} not ready after {timeout_s:g} s")
-
-    def stop(self, sig: int = 9) -> None:
-        """Stop the server's process group (SIGKILL by default: a crash, nothing flushed)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-        self.proc.wait(timeout=30)
-        self.proc = None
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server and all its child processes."""
-        import psutil
-
-        if self.proc is None:
-            return 0
-        root = psutil.Process(self.proc.pid)
-        procs = [root, *root.children(recursive=True)]
-        total = 0
-        for proc in procs:
-            with suppress(psutil.NoSuchProcess):
-                total += proc.memory_info().rss
-        return total
+    total = 0
+    for pid in pids.values():
+        with suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with suppress(psutil.NoSuchProcess):
+                    total += proc.memory_info().rss
+    return total
 
 
 LOAD_ROW = {"val/loss": 0.6, "val/acc": 0.6, "val/auroc": 0.7, "train/loss": 0.6}
@@ -538,31 +476,34 @@ def _load_job(uri: str, experiment_id: str, job: int, epochs: int, start_at: flo
 def load_figures(jobs: int, epochs: int, uri: str | None = None) -> dict[str, Any]:
     """Metric points per second that ``jobs`` processes send through one tracking server,
     each logging every epoch as its own request (``logger.flush_every=1``), checked for
-    lost points afterwards; with the server started here, its peak RSS (all processes).
+    lost points afterwards. Without ``uri``: against the team stack (fitscope.stack:
+    PostgreSQL, S3, MLflow with basic auth; no Ray) started here on free ports, with its
+    RSS (every process of it) idle and at peak.
     """
     import threading
     from concurrent.futures import ProcessPoolExecutor
 
-    from fitscope import tracking
+    from fitscope import stack, tracking
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = None if uri else TrackingServer(Path(tmp) / "server")
-        if server is not None:
-            server.start()
-            uri = server.uri
+        info = None
+        if uri is None:
+            parts = ("postgres", "s3", "mlflow")
+            info = stack.start_stack(Path(tmp) / "stack", stack.free_ports(), parts)
+            os.environ.update(info.client_env())  # the workers inherit the credentials
+            uri = info.tracking_uri
         peak, done = [0], threading.Event()
 
         def sample() -> None:
             while not done.wait(0.2):
-                peak[0] = max(peak[0], server.rss_bytes())
+                peak[0] = max(peak[0], stack_rss_bytes(info.pids))
 
         try:
             client = tracking.get_client(uri)
             exp = tracking.ensure_experiment(client, f"bench-load-{int(time.time())}")
-            idle = server.rss_bytes() if server else 0
-            sampler = threading.Thread(target=sample, daemon=True)
-            if server is not None:
-                sampler.start()
+            idle = stack_rss_bytes(info.pids) if info else 0
+            if info is not None:
+                threading.Thread(target=sample, daemon=True).start()
             with ProcessPoolExecutor(jobs) as pool:
                 start_at = time.time() + 15  # after every worker has imported MLflow
                 futures = [
@@ -576,8 +517,8 @@ def load_figures(jobs: int, epochs: int, uri: str | None = None) -> dict[str, An
             )
         finally:
             done.set()
-            if server is not None:
-                server.stop(15)  # SIGTERM
+            if info is not None:
+                stack.stop_stack(info.state_dir)
     points = jobs * epochs * len(LOAD_ROW)
     figures = {
         "load_jobs": jobs,
@@ -585,11 +526,11 @@ def load_figures(jobs: int, epochs: int, uri: str | None = None) -> dict[str, An
         "load_requests_per_s": jobs * epochs / wall,
         "load_points_per_s": points / wall,
         "load_points_lost": lost,
-        "load_server": "plain mlflow server (SQLite, 1 worker)" if server else uri,
+        "load_server": "team stack (PostgreSQL, S3, MLflow 1 worker)" if info else uri,
     }
-    if server is not None:
-        figures["load_server_rss_idle_mb"] = idle / 2**20
-        figures["load_server_rss_peak_mb"] = peak[0] / 2**20
+    if info is not None:
+        figures["load_stack_rss_idle_mb"] = idle / 2**20
+        figures["load_stack_rss_peak_mb"] = peak[0] / 2**20
     return figures
 
 
@@ -792,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="JOBS",
         help="tracking-server load only: JOBS (8) concurrent runs logging every epoch",
     )
-    parser.add_argument("--load-epochs", type=int, default=200)
+    parser.add_argument("--load-epochs", type=int, default=25)
     parser.add_argument(
         "--load-uri", help="an existing tracking server (default: start a plain one here)"
     )

@@ -221,9 +221,17 @@ def ensure_experiment(client, name: str, description: str | None = None) -> str:
         if exp is None:
             db = _sqlite_path(client.tracking_uri)
             location = str(db.parent / "mlartifacts" / name) if db is not None else None
-            exp_id = client.create_experiment(name, artifact_location=location)
-            tags: dict[str, str] = {}
-        else:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                exp_id = client.create_experiment(name, artifact_location=location)
+                tags: dict[str, str] = {}
+            except MlflowException:
+                # A server has no lock to hold: another job created it first (name taken).
+                exp = client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp is not None:
             exp_id, tags = exp.experiment_id, exp.tags
         if tags.get(KIND_TAG) != KIND_TRAINING:
             client.set_experiment_tag(exp_id, KIND_TAG, KIND_TRAINING)
