@@ -11,7 +11,6 @@ import pytest
 from conftest import last_error_line, run_train, runs_of
 
 from fitscope import tracking
-from fitscope.errors import FitscopeError
 
 
 def debug_args(processed_dir, *extra):
@@ -40,21 +39,33 @@ def test_unwritable_store_path_is_refused_before_training(processed_dir, tmp_pat
     assert line.startswith(f"fitscope: error: cannot use the MLflow tracking store {uri} (")
 
 
-def test_unreachable_server_is_one_line_within_30_seconds(processed_dir, tmp_path, monkeypatch):
-    with socket.socket() as sock:  # a free loopback port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+@pytest.mark.parametrize(
+    "uri",
+    ["http://no-such-host.invalid:5000", "htp://127.0.0.1:5000"],
+    ids=["unknown-host", "bad-scheme"],
+)
+def test_a_wrong_server_uri_is_one_line_within_30_seconds(processed_dir, tmp_path, uri):
+    # A typo is not an outage: no offline run (a refused or timed-out connection trains
+    # on and waits for `fitscope runs sync`: tests/test_sync.py).
+    started = time.monotonic()
     proc = run_train(debug_args(processed_dir), tmp_path, uri)
     line = last_error_line(proc, 2)
     assert line.startswith(f"fitscope: error: cannot use the MLflow tracking store {uri} (")
     assert "Fix: start the tracking server or correct MLFLOW_TRACKING_URI" in line
-    # The retry cap itself, timed without a process start (MLflow's default: ~4 minutes).
+    assert not (tmp_path / "mlruns-pending").exists()
+    assert time.monotonic() - started < 60  # the process start included
+
+
+def test_an_unreachable_server_is_told_apart_within_30_seconds(monkeypatch):
+    with socket.socket() as sock:  # a free loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The retry cap, timed without a process start (MLflow's default: ~4 minutes).
     for key in tracking.HTTP_LIMITS:
         monkeypatch.delenv(key, raising=False)
     started = time.monotonic()
-    with pytest.raises(FitscopeError, match="cannot use the MLflow tracking store"):
-        tracking.get_client(uri)
+    with pytest.raises(tracking.ServerUnreachable, match="cannot use the MLflow tracking store"):
+        tracking.get_client(f"http://127.0.0.1:{port}")
     assert time.monotonic() - started < 30
 
 

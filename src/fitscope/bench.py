@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +441,99 @@ def tracking_seconds(tmp: Path, epochs: int, flush_every: int = 25) -> float:
     return time.perf_counter() - start
 
 
+def stack_rss_bytes(pids: dict[str, int]) -> int:
+    """Resident memory of the stack's processes (``StackInfo.pids``) and all their children."""
+    import psutil
+
+    total = 0
+    for pid in pids.values():
+        with suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with suppress(psutil.NoSuchProcess):
+                    total += proc.memory_info().rss
+    return total
+
+
+LOAD_ROW = {"val/loss": 0.6, "val/acc": 0.6, "val/auroc": 0.7, "train/loss": 0.6}
+LOAD_ROW |= {"train/acc": 0.6, "train/auroc": 0.7, "train/l2_penalty": 0.0, "lr": 1e-3}
+
+
+def _load_job(uri: str, experiment_id: str, job: int, epochs: int, start_at: float) -> str:
+    """One job of the load benchmark: a run that logs ``epochs`` rows, one request each."""
+    from fitscope import tracking
+
+    client = tracking.get_client(uri)
+    params = {f"group.key{i}": i for i in range(40)}
+    tracker = tracking.RunTracker.create(client, experiment_id, f"load-{job}", params, {})
+    time.sleep(max(0.0, start_at - time.time()))  # every job starts logging together
+    for epoch in range(epochs):
+        tracker.log_rows([{**LOAD_ROW, "epoch": epoch}])
+    tracker.finish()
+    return tracker.run_id
+
+
+def load_figures(jobs: int, epochs: int, uri: str | None = None) -> dict[str, Any]:
+    """Metric points per second that ``jobs`` processes send through one tracking server,
+    each logging every epoch as its own request (``logger.flush_every=1``), checked for
+    lost points afterwards. Without ``uri``: against the team stack (fitscope.stack:
+    PostgreSQL, S3, MLflow with basic auth; no Ray) started here on free ports, with its
+    RSS (every process of it) idle and at peak.
+    """
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fitscope import stack, tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        info = None
+        if uri is None:
+            parts = ("postgres", "s3", "mlflow")
+            info = stack.start_stack(Path(tmp) / "stack", stack.free_ports(), parts)
+            os.environ.update(info.client_env())  # the workers inherit the credentials
+            uri = info.tracking_uri
+        peak, done = [0], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.2):
+                peak[0] = max(peak[0], stack_rss_bytes(info.pids))
+
+        try:
+            client = tracking.get_client(uri)
+            exp = tracking.ensure_experiment(client, f"bench-load-{int(time.time())}")
+            idle = stack_rss_bytes(info.pids) if info else 0
+            if info is not None:
+                threading.Thread(target=sample, daemon=True).start()
+            with ProcessPoolExecutor(jobs) as pool:
+                start_at = time.time() + 15  # after every worker has imported MLflow
+                futures = [
+                    pool.submit(_load_job, uri, exp, j, epochs, start_at) for j in range(jobs)
+                ]
+                run_ids = [f.result() for f in futures]
+            wall = time.time() - start_at
+            done.set()
+            lost = sum(
+                epochs - len(client.get_metric_history(r, key)) for r in run_ids for key in LOAD_ROW
+            )
+        finally:
+            done.set()
+            if info is not None:
+                stack.stop_stack(info.state_dir)
+    points = jobs * epochs * len(LOAD_ROW)
+    figures = {
+        "load_jobs": jobs,
+        "load_points": points,
+        "load_requests_per_s": jobs * epochs / wall,
+        "load_points_per_s": points / wall,
+        "load_points_lost": lost,
+        "load_server": "team stack (PostgreSQL, S3, MLflow 1 worker)" if info else uri,
+    }
+    if info is not None:
+        figures["load_stack_rss_idle_mb"] = idle / 2**20
+        figures["load_stack_rss_peak_mb"] = peak[0] / 2**20
+    return figures
+
+
 def study_minutes(profile: str) -> float:
     """Wall minutes of ``dvc repro`` (the study, ``study.profile=profile``) in a scratch copy
     of this checkout (what git tracks plus untracked, unignored files), with its own
@@ -632,9 +725,27 @@ def main(argv: list[str] | None = None) -> None:
         "--ingest-rows", type=int, default=1_000_000, help="synthetic rows (figures per 11M)"
     )
     parser.add_argument("--ingest-file", type=Path, help="ingest this HIGGS.csv.gz instead")
+    parser.add_argument(
+        "--load",
+        type=int,
+        nargs="?",
+        const=8,
+        metavar="JOBS",
+        help="tracking-server load only: JOBS (8) concurrent runs logging every epoch",
+    )
+    parser.add_argument("--load-epochs", type=int, default=25)
+    parser.add_argument(
+        "--load-uri", help="an existing tracking server (default: start a plain one here)"
+    )
     args = parser.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    if args.load:
+        figures = load_figures(args.load, args.load_epochs, args.load_uri)
+        print(f"figures merged into {args.json}:")
+        print_table(figures)
+        record(figures, args.json)
+        return
     if args.ingest:
         report_ingest(args.ingest_rows, args.ingest_file, args.json)
         return

@@ -176,6 +176,22 @@ def cmd_runs_reconcile(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_runs_sync(args: argparse.Namespace) -> None:
+    from fitscope import tracking
+    from fitscope.pending import spool_dir
+
+    spool = Path(args.dir) if args.dir else spool_dir()
+    client = tracking.existing_client()
+    results = tracking.sync_pending(client, spool)
+    for r in results:
+        print(f"{'synced' if r.done else 'left'} {r.sync_id} -> run {r.run_id or '-'}: {r.note}")
+    synced = sum(r.done for r in results)
+    print(
+        f"synced {synced} record(s) from {spool} to {client.tracking_uri}; "
+        f"{len(results) - synced} left pending"
+    )
+
+
 def cmd_stack(args: argparse.Namespace) -> None:
     from fitscope import stack
 
@@ -294,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $FITSCOPE_STALE_AFTER_S or 600)",
     )
     reconcile.set_defaults(func=cmd_runs_reconcile)
+    sync = runs_sub.add_parser(
+        "sync",
+        help="upload the runs kept on disk while the tracking server was unreachable "
+        "(idempotent: running it again duplicates nothing)",
+    )
+    sync.add_argument(
+        "--dir", help="pending records (default: $FITSCOPE_PENDING_DIR or ./mlruns-pending)"
+    )
+    sync.set_defaults(func=cmd_runs_sync)
 
     team = sub.add_parser("stack", help="the local team stack (docs/team.md)")
     team.add_argument("stack_command", choices=["up", "down", "status"])

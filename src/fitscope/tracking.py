@@ -25,6 +25,7 @@ from typing import Any
 
 from fitscope.errors import FitscopeError
 from fitscope.lifecycle import Owner, block_signals_in_this_thread
+from fitscope.pending import PendingRecord, spool_dir
 
 PARENT_ENV = "FITSCOPE_PARENT_RUN_ID"
 TAG = "fitscope."  # prefix of our own tags
@@ -150,16 +151,57 @@ def get_client(uri: str | None = None):
             if db is not None:
                 _probe_sqlite_write(db)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        reason = first_line(exc)
         fix = (
             "make the file and its folder writable, or point MLFLOW_TRACKING_URI elsewhere"
             if db is not None
             else "start the tracking server or correct MLFLOW_TRACKING_URI (and credentials)"
         )
-        raise FitscopeError(
-            f"cannot use the MLflow tracking store {uri} ({reason}). Fix: {fix}"
-        ) from None
+        error = ServerUnreachable if is_server(uri) and unreachable(exc) else FitscopeError
+        raise error(f"cannot use the MLflow tracking store {uri} ({reason}). Fix: {fix}") from None
     return client
+
+
+class ServerUnreachable(FitscopeError):
+    """The tracking server did not answer (refused, timed out, 5xx): it may come back."""
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server (HTTP), the only store a run can be cut off from."""
+    return uri.startswith(("http://", "https://"))
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server is down or cut off, not that the request is wrong.
+
+    Refused or reset connections, timeouts and "too many 5xx responses" (a proxy in
+    front of a dead server) count; an unknown host name (a typo), 401/403/404 and a
+    bad scheme do not: they stay one-line errors.
+    """
+    if isinstance(exc, ServerUnreachable):
+        return True
+    names: set[str] = set()
+    seen: BaseException | None = exc
+    while seen is not None and len(names) < 20:
+        names.add(type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    if names & {"NameResolutionError", "gaierror", "LocationParseError", "InvalidURL"}:
+        return False
+    if names & {
+        "ConnectionError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "Timeout",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "TimeoutError",
+        "NewConnectionError",
+        "ProtocolError",
+        "RemoteDisconnected",
+        "ConnectionAbortedError",
+    }:
+        return True
+    return "too many 5" in str(exc) and "error responses" in str(exc)
 
 
 NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows (runs, experiments)
@@ -179,9 +221,17 @@ def ensure_experiment(client, name: str, description: str | None = None) -> str:
         if exp is None:
             db = _sqlite_path(client.tracking_uri)
             location = str(db.parent / "mlartifacts" / name) if db is not None else None
-            exp_id = client.create_experiment(name, artifact_location=location)
-            tags: dict[str, str] = {}
-        else:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                exp_id = client.create_experiment(name, artifact_location=location)
+                tags: dict[str, str] = {}
+            except MlflowException:
+                # A server has no lock to hold: another job created it first (name taken).
+                exp = client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp is not None:
             exp_id, tags = exp.experiment_id, exp.tags
         if tags.get(KIND_TAG) != KIND_TRAINING:
             client.set_experiment_tag(exp_id, KIND_TAG, KIND_TRAINING)
@@ -725,11 +775,24 @@ def take_over(client, claim: RunTracker, run_id: str, chash: str, monitor: str):
 
 
 class RunTracker:
-    """One MLflow run: params, tags, batched per-epoch metrics, model, final status."""
+    """One MLflow run: params, tags, batched per-epoch metrics, model, final status.
 
-    def __init__(self, client, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+    With a pending record (a run on a tracking server, :func:`open_record`) everything
+    also goes into the record first; when the server stops answering, the tracker goes
+    offline: training goes on, and the record keeps what was not sent until
+    ``fitscope runs sync`` (:func:`sync_pending`). A run that ends with everything sent
+    removes its record.
+    """
+
+    def __init__(self, client, run_id: str | None, record: PendingRecord | None = None) -> None:
+        self.client, self.run_id, self.record = client, run_id, record
         self.closed = False
+        self.offline = client is None
+
+    @property
+    def pending(self) -> bool:
+        """Whether this run's record waits for ``fitscope runs sync``."""
+        return self.record is not None and self.offline
 
     @classmethod
     def create(
@@ -745,40 +808,89 @@ class RunTracker:
         )
         return tracker
 
+    def _send(self, what: str, call) -> bool:
+        """Run ``call`` against the server; False (and offline from now on) if it is down.
+
+        Without a record (a local store) every error is raised as before.
+        """
+        if self.offline:
+            return False
+        try:
+            call()
+            return True
+        except Exception as exc:
+            if self.record is None or not unreachable(exc):
+                raise
+            self.go_offline(f"{what}: {first_line(exc)}")
+            return False
+
+    def go_offline(self, reason: str) -> None:
+        """Stop talking to the server; the record keeps the rest of the run."""
+        assert self.record is not None
+        self.offline = True
+        if self.run_id:
+            heartbeats.discard(self.run_id)
+        self.record.update(offline_reason=reason)
+        log.warning(
+            "the tracking server %s is unreachable (%s); training goes on, the run's record "
+            "is kept in %s",
+            self.record.data["tracking_uri"],
+            reason,
+            self.record.path,
+        )
+
+    def _log_metrics(self, metrics: list) -> None:
+        if not metrics:
+            return
+        if self.record is not None:
+            self.record.add_metrics([(m.key, m.value, m.timestamp, m.step) for m in metrics])
+        self._send("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=metrics))
+
     def log_rows(self, rows: list[dict[str, float]], step_key: str = "epoch") -> None:
         """Log per-epoch rows in one batched call (the client splits >1000 metrics)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), now, int(row[step_key]))
-            for row in rows
-            for key, value in row.items()
-            if key != step_key
-        ]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        self._log_metrics(
+            [
+                Metric(key, float(value), now, int(row[step_key]))
+                for row in rows
+                for key, value in row.items()
+                if key != step_key
+            ]
+        )
 
     def log_summary(
         self, summary: dict[str, float], step: int = 0, model_id: str | None = None
     ) -> None:
         """Single values at ``step`` (the selected epoch), on ``model_id``'s page too."""
-        self.client.log_batch(self.run_id, metrics=_summary_metrics(summary, step, model_id))
+        self._log_metrics(_summary_metrics(summary, step, model_id))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        values = {k: str(v) for k, v in tags.items()}
+        if self.record is not None:
+            self.record.data["tags"].update(values)
+            self.record.save()
+        run_tags = [RunTag(k, v) for k, v in values.items()]
+        self._send("setting tags", lambda: self.client.log_batch(self.run_id, tags=run_tags))
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        call = lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path)  # noqa: E731
+        if not self._send("uploading artifacts", call):
+            self.record.add_artifact(path, artifact_path)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        call = lambda: self.client.log_artifact(self.run_id, str(path), artifact_path)  # noqa: E731
+        if not self._send("uploading an artifact", call):
+            self.record.add_artifact(path, artifact_path)
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         """``data`` as a JSON or YAML artifact (by the file's extension)."""
-        self.client.log_dict(self.run_id, data, artifact_file)
+        call = lambda: self.client.log_dict(self.run_id, data, artifact_file)  # noqa: E731
+        if not self._send("uploading an artifact", call):
+            self.record.add_dict(data, artifact_file)
 
     def log_dataset(
         self, name: str, source: str, digest: str, profile: dict[str, Any], context: str
@@ -787,6 +899,10 @@ class RunTracker:
         from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.exceptions import MlflowException
 
+        fields = {"name": name, "source": source, "digest": digest, "profile": profile}
+        if self.record is not None:
+            self.record.data["datasets"].append({**fields, "context": context})
+            self.record.save()
         dataset = Dataset(
             name=name,
             digest=digest[:36],  # MLflow stores at most 36 characters of a digest
@@ -794,20 +910,25 @@ class RunTracker:
             source=json.dumps({"uri": source}),
             profile=json.dumps(profile),
         )
-        tags = [InputTag("mlflow.data.context", context)]
-        inputs = [DatasetInput(dataset, tags)]
-        try:
-            self.client.log_inputs(self.run_id, datasets=inputs)
-        except MlflowException:
-            # Concurrent jobs of a sweep (Ray, joblib) insert the same dataset row at once:
-            # the store refuses the loser's insert (unique constraint); that row exists now.
-            self.client.log_inputs(self.run_id, datasets=inputs)
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+
+        def send() -> None:
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+            except MlflowException:
+                # Concurrent jobs of a sweep (Ray, joblib) insert the same dataset row at
+                # once: the store refuses the loser's insert (unique constraint); that row
+                # exists now. (An unreachable server fails again and goes to _send.)
+                self.client.log_inputs(self.run_id, datasets=inputs)
+
+        self._send("logging the dataset", send)
 
     def log_model(self, model, example, step: int, registered_name: str | None = None):
         """Log ``model`` (eval mode) with a signature and an input example; return ModelInfo.
 
         ``step`` is the epoch whose weights the model holds: MLflow copies the run's
-        metrics at that step onto the logged model's page.
+        metrics at that step onto the logged model's page. Offline, the model's weights
+        (``model.mlp``) go into the record instead and None is returned.
         """
         import mlflow
         import numpy as np
@@ -817,34 +938,279 @@ class RunTracker:
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         model = model.eval()
         example = np.ascontiguousarray(example[:5], dtype=np.float32)
-        with torch.no_grad():
-            output = model(torch.from_numpy(example)).numpy()
-        mlflow.set_tracking_uri(self.client.tracking_uri)
-        mlflow.set_registry_uri(self.client.tracking_uri)
-        # Logging the model is the run's last step: leaving this block ends the run
-        # (FINISHED, or FAILED if logging raised).
-        with mlflow.start_run(run_id=self.run_id):
-            # pip_requirements given explicitly: inferring them costs ~8 s per model.
-            return mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example, output),
-                input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                registered_model_name=registered_name,
-                step=step,
-            )
+        info = None
+
+        def upload() -> None:
+            nonlocal info
+            with torch.no_grad():
+                output = model(torch.from_numpy(example)).numpy()
+            mlflow.set_tracking_uri(self.client.tracking_uri)
+            mlflow.set_registry_uri(self.client.tracking_uri)
+            # Logging the model is the run's last step: leaving this block ends the run
+            # (FINISHED, or FAILED if logging raised).
+            with mlflow.start_run(run_id=self.run_id):
+                # pip_requirements given explicitly: inferring them costs ~8 s per model.
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=infer_signature(example, output),
+                    input_example=example,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    registered_model_name=registered_name,
+                    step=step,
+                )
+
+        if not self._send("logging the model", upload):
+            state = {"state_dict": model.mlp.state_dict(), "task": model.task}
+            self.record.save_model(state, example, step, registered_name)
+        return info
+
+    def _close(self, status: str) -> None:
+        heartbeats.discard(self.run_id)
+        if self.record is not None:
+            self.record.update(status=status, end_time=int(time.time() * 1000))
+        self._send(
+            "closing the run", lambda: self.client.set_terminated(self.run_id, status=status)
+        )
+        if self.record is not None and not self.offline:
+            self.record.delete()  # everything reached the server
+        self.closed = True
 
     def finish(self) -> None:
-        heartbeats.discard(self.run_id)
-        self.client.set_terminated(self.run_id, status="FINISHED")
-        self.closed = True
+        self._close("FINISHED")
 
     def fail(self, reason: str, status: str = "FAILED") -> None:
         """End the run as FAILED (or KILLED) with the reason in the ``fitscope.failure`` tag."""
         if self.closed:
             return
-        heartbeats.discard(self.run_id)
         self.set_tags({FAILURE_TAG: reason[:8000]})
-        self.client.set_terminated(self.run_id, status=status)
-        self.closed = True
+        self._close(status)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (at most 300 characters), for one-line messages."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def open_record(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    **fields: Any,
+) -> PendingRecord | None:
+    """A pending record for a run on tracking server ``uri`` (None for a local store).
+
+    ``fields`` go into the manifest as they are: ``experiment_description``, ``config``
+    (the resolved config, to rebuild the model), ``run_id``, ``parent_run_id`` or
+    ``parent_key``/``parent_name``/``parent_tags`` (a parent to find or create at sync),
+    ``claimed`` (False: trained without a claim).
+    """
+    if not is_server(uri):
+        return None
+    record = PendingRecord.create(
+        spool_dir(), tracking_uri=uri, experiment=experiment, run_name=run_name, **fields
+    )
+    record.update(params={k: str(v)[:6000] for k, v in params.items()}, tags=dict(tags))
+    return record
+
+
+FINISHED_FILTER = " and attributes.status = 'FINISHED'"
+OFFLINE_TAG = f"{TAG}offline"  # why a run trained without a claim (docs/reliability.md)
+OFFLINE_NOTE = "trained without a claim: the tracking server was unreachable when it started"
+SYNC_ID_TAG = f"{TAG}sync_id"  # the pending record a run was uploaded from (stable)
+DUPLICATE_TAG = f"{TAG}duplicate_of"  # an offline run of a config that another run finished
+
+
+@dataclass(frozen=True)
+class Synced:
+    """What :func:`sync_pending` did with one record."""
+
+    sync_id: str
+    run_id: str | None
+    note: str
+    done: bool
+
+
+def sync_pending(client, spool: Path | None = None) -> list[Synced]:
+    """Upload every pending record in ``spool`` to ``client``'s server; idempotent.
+
+    Each record's run is found by its run id or its ``fitscope.sync_id`` tag before one is
+    created; only params, metric points (by key and step), dataset inputs and the model
+    that the server lacks are sent; artifacts are uploaded again (same paths); the run gets
+    the record's final status (a record whose process died while RUNNING ends KILLED).
+    The record is deleted last, so a sync cut short is simply run again. Records still
+    written by a live process, or made for another server, are left alone. The parents
+    of synced runs are closed again (best child, counts) unless a live sweep holds them.
+    """
+    spool = spool or spool_dir()
+    results, parents = [], set()
+    for record in PendingRecord.all(spool):
+        with record.lock() as held:
+            data = record.data
+            skip = None
+            if not held:
+                skip = "another sync holds it"
+            elif data["status"] == "RUNNING" and record.owner_alive():
+                skip = f"still written by its run ({Owner.parse(data['owner'])})"
+            elif data["tracking_uri"] != client.tracking_uri:
+                skip = f"made for {data['tracking_uri']}: set MLFLOW_TRACKING_URI to it to sync"
+            if skip is not None:
+                results.append(Synced(record.sync_id, data["run_id"], skip, False))
+                continue
+            run_id, parent, note = _sync_record(client, record)
+            if parent:
+                parents.add(parent)
+            record.delete()
+            results.append(Synced(record.sync_id, run_id, note, True))
+    for parent in sorted(parents):
+        run = client.get_run(parent)
+        stale = env_seconds(STALE_AFTER_ENV, STALE_AFTER_S)
+        mine = run_owner(run) == Owner.current()
+        if run.info.status != "RUNNING" or mine or dead_reason(run, stale) is not None:
+            close_parent(client, parent)
+    return results
+
+
+def _find_run(client, experiment_id: str, run_id: str | None, sync_id: str):
+    from mlflow.exceptions import MlflowException
+
+    if run_id:
+        with contextlib.suppress(MlflowException):
+            return client.get_run(run_id)
+    runs = client.search_runs([experiment_id], filter_string=tag_equals(SYNC_ID_TAG, sync_id))
+    return runs[0] if runs else None
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _sync_record(client, record: PendingRecord) -> tuple[str, str | None, str]:
+    """Make the server hold ``record``'s run; returns (run id, parent id, what was sent)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
+    data = record.data
+    exp_id = ensure_experiment(client, data["experiment"], data.get("experiment_description"))
+    parent = data.get("parent_run_id")
+    if not parent and data.get("parent_key"):
+        parent = find_or_create_parent(
+            client, exp_id, data["parent_key"], data["parent_name"], data.get("parent_tags")
+        )
+    tags = {**data["tags"], SYNC_ID_TAG: record.sync_id}
+    if parent:
+        tags[PARENT_TAG] = parent
+    run = _find_run(client, exp_id, data["run_id"], record.sync_id)
+    if run is None:
+        run = client.create_run(
+            exp_id, start_time=data["start_time"], tags=tags, run_name=data["run_name"]
+        )
+    run_id = run.info.run_id
+    record.update(run_id=run_id)  # a sync cut short finds this run again by id
+    if data.get("claimed") is False:  # trained offline: another run may have the config
+        chash = tags.get(CONFIG_HASH_TAG, "")
+        others = client.search_runs(
+            [exp_id],
+            filter_string=tag_equals(CONFIG_HASH_TAG, chash) + FINISHED_FILTER,
+        )
+        first = min(
+            (r for r in others if r.info.run_id != run_id),
+            key=lambda r: r.info.start_time,
+            default=None,
+        )
+        if first is not None:
+            tags[DUPLICATE_TAG] = first.info.run_id
+    params = [Param(k, v) for k, v in sorted(data["params"].items()) if k not in run.data.params]
+    for chunk in _chunks(params, 100):
+        client.log_batch(run_id, params=chunk)
+    for chunk in _chunks([RunTag(k, v) for k, v in tags.items()], 100):
+        client.log_batch(run_id, tags=chunk)
+    by_key: dict[str, list] = {}
+    for key, value, stamp, step in record.metrics():
+        by_key.setdefault(key, []).append(Metric(key, value, stamp, step))
+    sent = 0
+    for key, points in by_key.items():
+        have = {m.step for m in client.get_metric_history(run_id, key)}
+        new = {m.step: m for m in points if m.step not in have}  # one point per step
+        if new:
+            client.log_batch(run_id, metrics=list(new.values()))
+            sent += len(new)
+    digests = {d.dataset.digest for d in run.inputs.dataset_inputs} if run.inputs else set()
+    for ds in data["datasets"]:
+        if ds["digest"][:36] not in digests:
+            dataset = Dataset(
+                name=ds["name"],
+                digest=ds["digest"][:36],
+                source_type="local",
+                source=json.dumps({"uri": ds["source"]}),
+                profile=json.dumps(ds["profile"]),
+            )
+            tag = InputTag("mlflow.data.context", ds["context"])
+            client.log_inputs(run_id, datasets=[DatasetInput(dataset, [tag])])
+    for name, artifact_path in data["artifacts"]:
+        src = record.path / "files" / name
+        if src.is_dir():
+            client.log_artifacts(run_id, str(src), artifact_path)
+        else:
+            client.log_artifact(run_id, str(src), artifact_path)
+    model = "no model"
+    if data.get("model"):
+        model = "model already there"
+        if not _has_model(client, exp_id, run_id):
+            _log_pending_model(client, run_id, record)
+            model = "model logged"
+    status = data["status"]
+    if status == "RUNNING":  # its process died before it closed the record
+        status = "KILLED"
+        reason = "its process ended before the run was closed (uploaded by fitscope runs sync)"
+        client.set_tag(run_id, FAILURE_TAG, reason)
+        data["tags"][FAILURE_TAG] = reason
+    current = client.get_run(run_id)
+    stale = env_seconds(STALE_AFTER_ENV, STALE_AFTER_S)
+    if (
+        current.info.status == "RUNNING"
+        and run_owner(current)
+        not in (
+            None,
+            Owner.parse(data["owner"]),
+        )
+        and dead_reason(current, stale) is None
+    ):
+        status = "RUNNING"  # another live process took the run over: it closes it
+    else:
+        for stale_tag in (FAILURE_TAG, RECONCILED_TAG):
+            if stale_tag in current.data.tags and stale_tag not in data["tags"]:
+                client.delete_tag(run_id, stale_tag)  # a reconcile while the server was cut off
+        client.set_terminated(run_id, status=status, end_time=data["end_time"])
+    files = len(data["artifacts"])
+    note = f"{len(params)} param(s), {sent} metric point(s), {files} file(s), {model}, {status}"
+    if DUPLICATE_TAG in tags:
+        note += f"; config already finished in run {tags[DUPLICATE_TAG]} (tagged {DUPLICATE_TAG})"
+    return run_id, parent, note
+
+
+def _has_model(client, experiment_id: str, run_id: str) -> bool:
+    models = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return any(str(m.status).endswith("READY") for m in models)
+
+
+def _log_pending_model(client, run_id: str, record: PendingRecord) -> None:
+    """Rebuild the record's model from its config and weights and log it to the run."""
+    import numpy as np
+    import torch
+
+    from fitscope.models import ProbabilityModel, build_mlp_from_config
+
+    folder = record.path / "model"
+    state = torch.load(folder / "model.pt", weights_only=True)
+    example = np.load(folder / "example.npy")
+    mlp = build_mlp_from_config(record.data["config"], example.shape[1], init="torch_default")
+    mlp.load_state_dict(state["state_dict"])
+    spec = record.data["model"]
+    RunTracker(client, run_id).log_model(
+        ProbabilityModel(mlp, state["task"]), example, spec["step"], spec["registered_name"]
+    )

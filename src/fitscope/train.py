@@ -209,7 +209,16 @@ def train(cfg: DictConfig) -> float:
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # a failed run would fail again
         raise
     finally:
-        if opened.own_parent is not None:  # a parent this run opened (tracking.parent_key)
+        pending = opened.tracker is not None and opened.tracker.pending
+        if pending:  # said last, where it is seen: nothing of it is on the server yet
+            log.warning(
+                "fitscope: run %s waits to be synced to %s (the server was unreachable): "
+                "its record is in %s; when the server is back, run `fitscope runs sync`",
+                cfg.variant,
+                opened.tracker.record.data["tracking_uri"],
+                opened.tracker.record.path,
+            )
+        if opened.own_parent is not None and not pending:  # the sync closes it otherwise
             with _warn_on_error("could not close the parent run"):
                 tracking.close_parent(
                     opened.client,
@@ -242,7 +251,7 @@ def _resume_point(cfg: DictConfig, chash: str, ckpt_dir: Path, opened: _Opened) 
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a run file without a checkpoint
         return {}
     logged_through = -1
-    if opened.tracker is not None:
+    if opened.tracker is not None and not opened.tracker.offline:
         previous = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
         taken = previous and tracking.take_over(
             opened.client, opened.tracker, previous, chash, "val/loss"
@@ -250,7 +259,11 @@ def _resume_point(cfg: DictConfig, chash: str, ckpt_dir: Path, opened: _Opened) 
         if not taken:  # that run is gone or did not end KILLED: start afresh
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             return {}
+        record = opened.tracker.record
         opened.tracker, logged_through = taken
+        if record is not None:  # the record now follows the run this process continues
+            opened.tracker.record = record
+            record.update(run_id=opened.tracker.run_id)
     log.info("resuming %s from %s", cfg.variant, ckpt)
     return {"resume_from": ckpt, "logged_through": logged_through}
 
@@ -267,12 +280,15 @@ class _Opened:
 
 def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
     """Claim this config with a RUNNING run (``opened.tracker``); the value to return if
-    the job is skipped instead (a FINISHED run has it, or a live run holds it)."""
+    the job is skipped instead (a FINISHED run has it, or a live run holds it).
+
+    A tracking server that does not answer (refused, timed out) does not stop the run: it
+    trains without a claim into a pending record (tracking.open_record) that
+    ``fitscope runs sync`` uploads later.
+    """
     from fitscope import tracking
 
     run_cfg = _run_config(cfg)
-    client = opened.client = tracking.get_client()
-    exp_id = tracking.ensure_experiment(client, cfg.study, study_description(cfg))
     source = tracking.source_tags(_entry())
     commit = source["mlflow.source.git.commit"]
     tags = {
@@ -286,28 +302,80 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
         "fitscope.precision": opened.precision,
         **_job_info(),
     }
+    chash = tracking.config_hash(run_cfg)
+    uri = tracking.resolve_tracking_uri()
+    record = {
+        "experiment_description": study_description(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
     parent = os.environ.get(tracking.PARENT_ENV)
-    if not parent and cfg.tracking.parent_key:
-        parent = opened.own_parent = tracking.find_or_create_parent(
-            client,
-            exp_id,
-            tracking.commit_parent_key(cfg.tracking.parent_key, commit),
-            run_name=parent_run_name(cfg.study, cfg.profile, commit),
-            tags={"fitscope.study": cfg.study, "fitscope.profile": cfg.profile, **source},
+    parent_key = tracking.commit_parent_key(cfg.tracking.parent_key or "", commit)
+    parent_spec = {
+        "parent_key": parent_key,
+        "parent_name": parent_run_name(cfg.study, cfg.profile, commit),
+        "parent_tags": {"fitscope.study": cfg.study, "fitscope.profile": cfg.profile, **source},
+    }
+    try:
+        client = opened.client = tracking.get_client(uri)
+        exp_id = tracking.ensure_experiment(client, cfg.study, study_description(cfg))
+        if not parent and cfg.tracking.parent_key:
+            parent = opened.own_parent = tracking.find_or_create_parent(
+                client,
+                exp_id,
+                parent_key,
+                run_name=parent_spec["parent_name"],
+                tags=parent_spec["parent_tags"],
+            )
+        if parent:
+            tags[tracking.PARENT_TAG] = parent
+        with guard.shield():  # a signal waits until the claim is settled either way
+            claim = tracking.claim_run(
+                client,
+                exp_id,
+                chash,
+                cfg.variant,
+                tracking.flatten(run_cfg),
+                tags,
+                force=cfg.force,
+            )
+            opened.tracker = claim.tracker
+            if claim.tracker is not None:
+                claim.tracker.record = tracking.open_record(
+                    uri,
+                    cfg.study,
+                    cfg.variant,
+                    tracking.flatten(run_cfg),
+                    {**tags, tracking.CONFIG_HASH_TAG: chash},
+                    run_id=claim.tracker.run_id,
+                    parent_run_id=parent,
+                    **record,
+                )
+    except Exception as exc:
+        if not (tracking.is_server(uri) and tracking.unreachable(exc)):
+            raise
+        if not parent and cfg.tracking.parent_key:
+            record.update(parent_spec)
+        opened.client, opened.own_parent = None, None
+        opened.tracker = tracking.RunTracker(
+            None,
+            None,
+            tracking.open_record(
+                uri,
+                cfg.study,
+                cfg.variant,
+                tracking.flatten(run_cfg),
+                {
+                    **tags,
+                    tracking.CONFIG_HASH_TAG: chash,
+                    tracking.OFFLINE_TAG: tracking.OFFLINE_NOTE,
+                },
+                parent_run_id=parent,
+                claimed=False,
+                **record,
+            ),
         )
-    if parent:
-        tags[tracking.PARENT_TAG] = parent
-    with guard.shield():  # a signal waits until the claim is settled either way
-        claim = tracking.claim_run(
-            client,
-            exp_id,
-            tracking.config_hash(run_cfg),
-            cfg.variant,
-            tracking.flatten(run_cfg),
-            tags,
-            force=cfg.force,
-        )
-        opened.tracker = claim.tracker
+        opened.tracker.go_offline(f"before the run started: {tracking.first_line(exc)}")
+        return None
     for gone in claim.reconciled:
         log.warning(
             "run %s (%s) was left RUNNING: now KILLED, %s", gone.run_id, gone.run_name, gone.reason
@@ -437,7 +505,7 @@ def _fit(
     ckpt_cfg = cfg.callbacks.checkpoint
     if ckpt_cfg.every_s is not None or ckpt_cfg.every_epochs is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tracker is not None:
+        if tracker is not None and tracker.run_id:
             write_json(ckpt_dir / RESUME_RUN_FILE, {"run_id": tracker.run_id})
         # Last: it saves the state the callbacks above have just updated for this epoch.
         callbacks.append(
@@ -537,9 +605,12 @@ def _fit(
                 step=selected,
                 registered_name=cfg.logger.registered_model,
             )
-            metrics_out["mlflow_model_uri"] = info.model_uri
+            if info is not None:  # None: the model waits in the pending record
+                metrics_out["mlflow_model_uri"] = info.model_uri
         tracker.log_dict(metrics_out, "metrics.json")
         tracker.finish()
+        if tracker.pending:  # the run id comes with `fitscope runs sync`
+            metrics_out["mlflow_sync_id"] = tracker.record.sync_id
     # Written last: a metrics.json means the run, its outputs and its tracking are complete.
     write_json(run_dir / "metrics.json", metrics_out)
     log.info(
@@ -668,15 +739,25 @@ class MlflowSweepCallback(Callback):
         failed = failed_file.read_text().splitlines() if failed_file.exists() else []
         parent = os.environ.pop(tracking.PARENT_ENV, None)
         signum = lifecycle.received()
-        best = None
+        best, cut_off = None, False
         if parent:
-            best = tracking.close_parent(
-                tracking.get_client(),
-                parent,
-                config.objective,
-                interrupted=signum is not None,
-                tolerate_failures=is_search(config),
-            )
+            try:
+                best = tracking.close_parent(
+                    tracking.get_client(),
+                    parent,
+                    config.objective,
+                    interrupted=signum is not None,
+                    tolerate_failures=is_search(config),
+                )
+            except Exception as exc:
+                if not tracking.unreachable(exc):
+                    raise
+                cut_off = True  # the jobs kept their records: the sync closes the parent
+                log.warning(
+                    "the sweep's parent run %s is not closed (the tracking server is "
+                    "unreachable); `fitscope runs sync` closes it with the jobs' runs",
+                    parent,
+                )
         if signum is not None:
             # Ctrl-C / SIGTERM reached the jobs in the workers; each ended its run KILLED
             # and returned, so the sweep ended normally. Report it as the interrupt it is.
@@ -692,7 +773,7 @@ class MlflowSweepCallback(Callback):
             )
         if is_search(config):
             # A search tolerates failed trials; it fails only when no trial finished.
-            if parent and best is None:
+            if parent and best is None and not cut_off:
                 raise SystemExit(
                     f"fitscope: error: every job of the sweep failed (MLflow parent run "
                     f"{parent}; each FAILED run has the reason in its fitscope.failure tag). "
