@@ -174,11 +174,42 @@ def fast_retry():
     return RetryPolicy(attempts=3, backoff_s=0.01, timeout_s=5)
 
 
-def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    """Run a command with the venv's bin first on PATH; fail loudly with its output."""
+MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_uri_leaks(monkeypatch) -> None:
+    """Undo, after each test, the MLFLOW_*_URI variables it leaves in this process.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` (tests, and ``RunTracker.log_model``
+    in-process) also export them for subprocesses: without this, a later test's DVC or
+    training subprocess in the same worker would log to this test's store.
+    """
+    for key in MLFLOW_URI_VARS:
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None:
+        monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+    if registry is not None:
+        monkeypatch.setattr(registry, "_registry_uri", registry._registry_uri)
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """This environment with the venv's bin first on PATH and no MLflow store named (a
+    command then uses the repository's own store), plus ``extra``."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the repository's own store, unless `env` names one
-    env.update(kwargs.pop("env", {}))
+    for key in MLFLOW_URI_VARS:
+        env.pop(key, None)
+    return {**env, **extra}
+
+
+def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command with :func:`venv_env` (plus ``env=``); fail loudly with its output."""
+    env = venv_env(**kwargs.pop("env", {}))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run
+from conftest import run, venv_env
 
 from fitscope.tracking import get_client
 
@@ -50,7 +47,7 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
     start_worker = functools.partial(
         subprocess.run,
         cwd=repo_copy,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        env=venv_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         check=True,
@@ -77,7 +74,11 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
             logs = [p.read_text(errors="replace")[-3000:] for p in workers]
             for name in ("tiny-s0", "tiny-s1"):  # the stage output, when a stage ran
                 shown = subprocess.run(
-                    ["dvc", "queue", "logs", name], cwd=repo_copy, capture_output=True, text=True
+                    ["dvc", "queue", "logs", name],
+                    cwd=repo_copy,
+                    env=venv_env(),
+                    capture_output=True,
+                    text=True,
                 )
                 logs.append(f"{name}: {shown.stdout[-3000:]}{shown.stderr[-500:]}")
             pytest.fail(status + "\n" + "\n----\n".join(logs))
