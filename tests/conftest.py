@@ -177,9 +177,8 @@ def fast_retry():
 MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-@pytest.fixture(autouse=True)
-def _no_mlflow_uri_leaks(monkeypatch) -> None:
-    """Undo, after each test, the MLFLOW_*_URI variables it leaves in this process.
+def _keep_mlflow_uris(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Have ``monkeypatch`` restore the MLFLOW_*_URI variables and MLflow's own URIs.
 
     ``mlflow.set_tracking_uri``/``set_registry_uri`` (tests, and ``RunTracker.log_model``
     in-process) also export them for subprocesses: without this, a later test's DVC or
@@ -196,6 +195,20 @@ def _no_mlflow_uri_leaks(monkeypatch) -> None:
     registry = sys.modules.get("mlflow.tracking._model_registry.utils")
     if registry is not None:
         monkeypatch.setattr(registry, "_registry_uri", registry._registry_uri)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_mlflow_uri_leaks_from_module_fixtures() -> Iterator[None]:
+    """What a module's fixtures (in-process training) set is undone after the module."""
+    with pytest.MonkeyPatch.context() as patch:
+        _keep_mlflow_uris(patch)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_uri_leaks(monkeypatch) -> None:
+    """What a test sets is undone after it."""
+    _keep_mlflow_uris(monkeypatch)
 
 
 def venv_env(**extra: str) -> dict[str, str]:

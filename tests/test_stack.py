@@ -239,6 +239,7 @@ def test_pipeline_logs_run_model_and_alias_to_the_server(
     # The server fixture's environment decides (no global URI left to later tests).
     monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
     monkeypatch.setattr("mlflow.tracking._model_registry.utils._registry_uri", None)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry is the server's
     model = mlflow.pyfunc.load_model("models:/fitscope-higgs@debug")
     x = np.load(team_repo / "data/processed/higgs/test_x.npy")[:4]
     assert np.asarray(model.predict(x)).shape == (4, 1)

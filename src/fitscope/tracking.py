@@ -234,10 +234,26 @@ def ensure_experiment(client, name: str, description: str | None = None) -> str:
         if exp is not None:
             exp_id, tags = exp.experiment_id, exp.tags
         if tags.get(KIND_TAG) != KIND_TRAINING:
-            client.set_experiment_tag(exp_id, KIND_TAG, KIND_TRAINING)
+            _set_experiment_tag(client, exp_id, KIND_TAG, KIND_TRAINING)
         if description and not tags.get(NOTE_TAG):
-            client.set_experiment_tag(exp_id, NOTE_TAG, description)
+            _set_experiment_tag(client, exp_id, NOTE_TAG, description)
         return exp_id
+
+
+def _set_experiment_tag(client, exp_id: str, key: str, value: str) -> None:
+    """Set an experiment tag that concurrent jobs may be setting at the same moment.
+
+    On a server the store inserts a new tag row: of two jobs inserting it at once, the
+    loser's insert is refused (HTTP 400, seen with 8 jobs on a SQLite-backed server).
+    The tag exists then, set by the winner, which is all this needs.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_experiment_tag(exp_id, key, value)
+    except MlflowException:
+        if key not in client.get_experiment(exp_id).tags:
+            raise
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
