@@ -94,6 +94,16 @@ def test_every_listening_socket_is_loopback(team_stack):
     assert all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening), listening
 
 
+def stack_up(state_dir, *args: str) -> subprocess.CompletedProcess:
+    """`fitscope stack up --state-dir STATE_DIR ARGS` (what `make stack` runs)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fitscope.cli", "stack", "up", "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_a_port_in_use_is_one_line_error_naming_the_component_and_its_log(tmp_path):
     import socket
 
@@ -103,26 +113,11 @@ def test_a_port_in_use_is_one_line_error_naming_the_component_and_its_log(tmp_pa
     with socket.socket() as busy:
         busy.bind((stack.HOST, ports["postgres"]))
         busy.listen()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fitscope.cli",
-                "stack",
-                "up",
-                "--state-dir",
-                str(tmp_path),
-                "--components",
-                "postgres",
-                "--no-dvc-remote",
-                "--env-file",
-                str(tmp_path / "stack.env"),
-                "--port",
-                f"postgres={ports['postgres']}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
+        proc = stack_up(
+            tmp_path,
+            *("--components", "postgres", "--no-dvc-remote"),
+            *("--env-file", str(tmp_path / "stack.env")),
+            *("--port", f"postgres={ports['postgres']}"),
         )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
@@ -137,22 +132,7 @@ def test_a_port_in_use_is_one_line_error_naming_the_component_and_its_log(tmp_pa
 
 
 def test_unknown_component_is_one_line_error(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fitscope.cli",
-            "stack",
-            "up",
-            "--state-dir",
-            str(tmp_path),
-            "--components",
-            "mlflow",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ},
-    )
+    proc = stack_up(tmp_path, "--components", "mlflow")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "mlflow needs postgres, s3" in proc.stderr.strip().splitlines()[-1]
