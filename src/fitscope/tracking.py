@@ -79,7 +79,7 @@ def resolve_tracking_uri() -> str:
 def where_to_look(uri: str | None = None) -> str:
     """Where a person opens the runs of ``uri``: the tracking server, or a local `mlflow ui`."""
     uri = uri or resolve_tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         return f"open {uri}"
     return "`.venv/bin/mlflow ui`, then open http://127.0.0.1:5000"
 
