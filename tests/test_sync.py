@@ -209,6 +209,47 @@ def test_a_run_with_the_server_down_trains_and_sync_uploads_it_once(
     assert_every_point(client, run_id, hist)
 
 
+def test_a_sweep_started_with_the_server_down_is_nested_under_one_parent_at_sync(
+    processed_dir, tmp_path, server
+):
+    """A DVC train stage is such a sweep (one job, ``tracking.parent_key``): neither may stop
+    because the server is down; the sync makes the one parent and nests every job's run."""
+    server.kill()
+    seeds = ("0", "1")
+    cmd = train_cmd(processed_dir, tmp_path / "unused", "study=t_sync_sweep")
+    cmd.insert(cmd.index("fitscope.train") + 1, "-m")  # a multirun
+    cmd += [f"seed={','.join(seeds)}", "tracking.parent_key=t-sweep"]
+    cmd += [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=server.env(), capture_output=True, text=True, timeout=300
+    )
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0, said[-3000:]
+    assert "unreachable" in said and "the sweep's runs wait to be synced" in said, said[-3000:]
+    records = [json.loads(m.read_text()) for m in tmp_path.glob("mlruns-pending/*/manifest.json")]
+    assert len(records) == len(seeds)
+    assert {r["parent_key"] for r in records} == {records[0]["parent_key"]}
+    assert records[0]["parent_key"].startswith("t-sweep")
+
+    server.start()
+    out = sync(tmp_path, server)
+    assert f"synced {len(seeds)} record(s)" in out, out
+    client = server.client()
+    runs = runs_of(client, "t_sync_sweep")
+    [parent] = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
+    children = [r for r in runs if r is not parent]
+    assert sorted(r.data.params["seed"] for r in children) == sorted(seeds)
+    assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {parent.info.run_id}
+    assert {r.info.status for r in runs} == {"FINISHED"}, [r.info.status for r in runs]
+    assert parent.data.tags["fitscope.parent_key"] == records[0]["parent_key"]
+    assert "best/val/loss" in parent.data.metrics  # closed with its best child
+
+    # Synced twice: nothing more on the server.
+    assert "synced 0 record(s)" in sync(tmp_path, server)
+    assert len(runs_of(client, "t_sync_sweep")) == len(runs)
+    assert parent.data.metrics["sweep/children_finished"] == len(seeds)
+
+
 def test_a_server_killed_mid_run_loses_no_point(processed_dir, tmp_path, server):
     server.start()
     client = server.client()

@@ -28,6 +28,10 @@ from fitscope.lifecycle import Owner, block_signals_in_this_thread
 from fitscope.pending import PendingRecord, spool_dir
 
 PARENT_ENV = "FITSCOPE_PARENT_RUN_ID"
+# A sweep started while its tracking server was unreachable hands its jobs the parent's
+# key, name and tags instead (JSON): a job finds or creates the parent itself, or keeps
+# them in its pending record for `fitscope runs sync`.
+PARENT_SPEC_ENV = "FITSCOPE_PARENT_SPEC"
 TAG = "fitscope."  # prefix of our own tags
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 CONFIG_HASH_TAG = f"{TAG}config_hash"
@@ -550,8 +554,20 @@ def find_or_create_parent(
             run_id = client.create_run(
                 experiment_id, run_name=run_name, tags={**run_tags, **owner_tags()}
             ).info.run_id
+            run_id = _oldest_parent(client, experiment_id, key, run_id)
     heartbeats.add(client, run_id)
     return run_id
+
+
+def _oldest_parent(client, experiment_id: str, key: str, created: str) -> str:
+    """The parent to use after creating ``created``: a server has no store lock, so two
+    jobs may create the same parent at once; both keep the oldest and the other is deleted."""
+    same = client.search_runs([experiment_id], filter_string=tag_equals(f"{TAG}parent_key", key))
+    oldest = min(same, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+    if oldest is None or oldest.info.run_id == created:
+        return created
+    client.delete_run(created)
+    return oldest.info.run_id
 
 
 def _effective_statuses(children: list) -> dict[str, str]:

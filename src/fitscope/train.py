@@ -309,20 +309,25 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     parent = os.environ.get(tracking.PARENT_ENV)
-    parent_key = tracking.commit_parent_key(cfg.tracking.parent_key or "", commit)
-    parent_spec = {
-        "parent_key": parent_key,
-        "parent_name": parent_run_name(cfg.study, cfg.profile, commit),
-        "parent_tags": {"fitscope.study": cfg.study, "fitscope.profile": cfg.profile, **source},
-    }
+    # The parent this run finds or creates itself: its sweep's, when the sweep started with
+    # the server unreachable, or the one named by tracking.parent_key for a single run.
+    parent_spec = None
+    if os.environ.get(tracking.PARENT_SPEC_ENV):
+        parent_spec = json.loads(os.environ[tracking.PARENT_SPEC_ENV])
+    elif cfg.tracking.parent_key:
+        parent_spec = {
+            "parent_key": tracking.commit_parent_key(cfg.tracking.parent_key, commit),
+            "parent_name": parent_run_name(cfg.study, cfg.profile, commit),
+            "parent_tags": {"fitscope.study": cfg.study, "fitscope.profile": cfg.profile, **source},
+        }
     try:
         client = opened.client = tracking.get_client(uri)
         exp_id = tracking.ensure_experiment(client, cfg.study, study_description(cfg))
-        if not parent and cfg.tracking.parent_key:
+        if not parent and parent_spec:
             parent = opened.own_parent = tracking.find_or_create_parent(
                 client,
                 exp_id,
-                parent_key,
+                parent_spec["parent_key"],
                 run_name=parent_spec["parent_name"],
                 tags=parent_spec["parent_tags"],
             )
@@ -353,7 +358,7 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
     except Exception as exc:
         if not (tracking.is_server(uri) and tracking.unreachable(exc)):
             raise
-        if not parent and cfg.tracking.parent_key:
+        if not parent and parent_spec:
             record.update(parent_spec)
         opened.client, opened.own_parent = None, None
         opened.tracker = tracking.RunTracker(
@@ -692,8 +697,6 @@ class MlflowSweepCallback(Callback):
             return
         from fitscope import tracking
 
-        client = tracking.get_client()
-        exp_id = tracking.ensure_experiment(client, config.study, study_description(config))
         overrides = list(config.hydra.overrides.task)
         # The same sweep finds its parent again when restarted, even with another launcher,
         # more trials or more parallel jobs: only what defines the jobs goes into the key.
@@ -715,13 +718,27 @@ class MlflowSweepCallback(Callback):
         else:
             key = tracking.config_hash(identity)
             tags["fitscope.overrides"] = " ".join(overrides)
-        parent = tracking.find_or_create_parent(
-            client,
-            exp_id,
-            key,
-            run_name=parent_run_name(config.study, config.profile, commit),
-            tags=tags,
-        )
+        name = parent_run_name(config.study, config.profile, commit)
+        uri = tracking.resolve_tracking_uri()
+        try:
+            client = tracking.get_client(uri)
+            exp_id = tracking.ensure_experiment(client, config.study, study_description(config))
+            parent = tracking.find_or_create_parent(client, exp_id, key, name, tags)
+        except Exception as exc:
+            if not (tracking.is_server(uri) and tracking.unreachable(exc)):
+                raise
+            # The jobs train anyway; each finds or creates the parent once the server is
+            # back, or keeps it in its pending record for `fitscope runs sync`.
+            spec = {"parent_key": key, "parent_name": name, "parent_tags": tags}
+            os.environ[tracking.PARENT_SPEC_ENV] = json.dumps(spec)
+            log.warning(
+                "the tracking server %s is unreachable (%s): the jobs train anyway and keep "
+                "their records on disk; the sweep's parent run is made when they reach the "
+                "server or by `fitscope runs sync`",
+                uri,
+                tracking.first_line(exc),
+            )
+            return
         # Jobs (also joblib/loky workers, started after this hook) inherit the variable.
         os.environ[tracking.PARENT_ENV] = parent
         log.info("MLflow parent run %s in experiment %r", parent, config.study)
@@ -738,6 +755,7 @@ class MlflowSweepCallback(Callback):
         failed_file = Path(config.hydra.sweep.dir) / FAILED_JOBS
         failed = failed_file.read_text().splitlines() if failed_file.exists() else []
         parent = os.environ.pop(tracking.PARENT_ENV, None)
+        offline = os.environ.pop(tracking.PARENT_SPEC_ENV, None)
         signum = lifecycle.received()
         best, cut_off = None, False
         if parent:
@@ -757,6 +775,17 @@ class MlflowSweepCallback(Callback):
                     "the sweep's parent run %s is not closed (the tracking server is "
                     "unreachable); `fitscope runs sync` closes it with the jobs' runs",
                     parent,
+                )
+        if offline:
+            from fitscope.pending import PendingRecord, spool_dir
+
+            cut_off = True  # no parent to judge the sweep by: the sync closes it
+            if PendingRecord.all(spool_dir()):
+                log.warning(
+                    "fitscope: the sweep's runs wait to be synced (the tracking server was "
+                    "unreachable): their records are in %s; when the server is back, run "
+                    "`fitscope runs sync` (it also nests them under the sweep's parent run)",
+                    spool_dir(),
                 )
         if signum is not None:
             # Ctrl-C / SIGTERM reached the jobs in the workers; each ended its run KILLED
