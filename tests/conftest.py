@@ -24,6 +24,9 @@ SHARED_HIGGS = REPO.parent / "shared" / "data" / "higgs" / "HIGGS.sample.csv.gz"
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Two pytest workers share the cores: each training process takes one thread
+# (trainer.num_threads=auto reads it), as joblib and Ray give their workers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @dataclass

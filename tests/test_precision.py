@@ -1,7 +1,9 @@
-"""trainer.precision=auto: bf16-mixed exactly where the hardware has native bf16."""
+"""What ``auto`` resolves to on this machine: trainer.precision (bf16-mixed exactly where the
+hardware has native bf16) and trainer.num_threads (the cores a run may use)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from fitscope.errors import FitscopeError
 from fitscope.precision import resolve_precision
 from fitscope.schema import TrainerConfig
+from fitscope.threads import resolve_num_threads
 
 
 def cpu_flags() -> set[str]:
@@ -43,3 +46,27 @@ def test_schema_accepts_auto_and_refuses_unknown():
     assert TrainerConfig(**fields, precision="auto").precision == "auto"
     with pytest.raises(FitscopeError, match=r"trainer\.precision"):
         TrainerConfig(**fields, precision="bf16")
+
+
+def test_auto_threads_follow_omp_then_the_launcher_then_the_affinity(monkeypatch):
+    cores = len(os.sched_getaffinity(0))  # what the kernel lets this process use
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_num_threads("auto") == cores
+    assert resolve_num_threads("auto", processes=2) == max(1, cores // 2)  # ddp_spawn
+    assert resolve_num_threads("auto", cpus=1) == 1  # submitit's cpus_per_task
+    assert resolve_num_threads(3) == 3  # an explicit number is kept
+    # joblib's loky workers and Ray workers get OMP_NUM_THREADS; the user's value wins too.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resolve_num_threads("auto") == 1
+    assert resolve_num_threads("auto", cpus=4) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")  # not a count: ignored
+    assert resolve_num_threads("auto") == cores
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1025, 1.5, "two", None, True])
+def test_schema_refuses_a_thread_count_that_is_not_auto_or_1_to_1024(bad):
+    fields = dict(accelerator="cpu", devices=1, max_epochs=1, precision="auto", strategy="auto")
+    assert TrainerConfig(**fields, num_threads="auto").num_threads == "auto"
+    assert TrainerConfig(**fields, num_threads=2).num_threads == 2
+    with pytest.raises(FitscopeError, match=r"trainer\.num_threads=.* Fix: use auto or a whole"):
+        TrainerConfig(**fields, num_threads=bad)

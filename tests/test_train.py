@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     assert summary["test_loss"] == pytest.approx(m["test/loss"]) and 0 < m["test/loss"] < 5
     assert 0 <= summary["test_auroc"] <= 1 and m["train_eval/loss"] == summary["train_eval_loss"]
     assert summary["precision"] == tags["fitscope.precision"]
+    # trainer.num_threads=auto took the worker's OMP_NUM_THREADS (tests/conftest.py).
+    threads = os.environ["OMP_NUM_THREADS"]
+    assert tags["fitscope.num_threads"] == str(summary["num_threads"]) == threads
     assert summary["best_gap_loss"] == pytest.approx(
         summary["best_val_loss"] - summary["best_train_loss"]
     )

@@ -184,6 +184,17 @@ class CallbacksConfig(Section):
     progress_bar: bool = False
 
 
+def check_num_threads(where: str, value: Any) -> None:
+    """``auto`` or a whole number of threads from 1 to 1024."""
+    if value != "auto":
+        try:
+            check_number(where, value, low=1, high=1024, integer=True)
+        except FitscopeError:
+            raise FitscopeError(
+                f"{where}={value!r} is not valid. Fix: use auto or a whole number from 1 to 1024"
+            ) from None
+
+
 @dataclass
 class TrainerConfig(Section):
     SECTION: ClassVar[str] = "trainer"
@@ -191,7 +202,8 @@ class TrainerConfig(Section):
     devices: int = ranged(low=1, integer=True)
     max_epochs: int = ranged(low=1, integer=True)
     deterministic: bool = True
-    num_threads: int = ranged(low=1, high=1024, integer=True)
+    # auto: OMP_NUM_THREADS if set, else the usable cores per process (fitscope.threads)
+    num_threads: Any = field(default=MISSING, metadata={"rule": check_num_threads})
     # auto: bf16-mixed where the hardware has native bf16, else 32-true (fitscope.precision)
     precision: str = one_of("auto", "32-true", "bf16-mixed", "16-mixed")
     # ddp_spawn: `devices` processes train while this one waits; plain `ddp` would re-run

@@ -135,6 +135,7 @@ def train(cfg: DictConfig) -> float:
     from fitscope import lifecycle, tracking
     from fitscope.datamodules import ArrayDataModule
     from fitscope.precision import resolve_precision
+    from fitscope.threads import resolve_num_threads
     from fitscope.training import InterruptWatch
 
     run_dir = Path(cfg.paths.run_dir)
@@ -147,7 +148,10 @@ def train(cfg: DictConfig) -> float:
     )
     chash = tracking.config_hash(_run_config(cfg))
     ckpt_dir = _checkpoint_dir(cfg, chash)
-    opened = _Opened(precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator))
+    opened = _Opened(
+        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        num_threads=resolve_num_threads(cfg.trainer.num_threads, _processes(cfg), _launcher_cpus()),
+    )
     outcome = "failed"
     fitting = False  # set once training starts: only then can a failure spoil the checkpoint
     try:
@@ -181,6 +185,7 @@ def train(cfg: DictConfig) -> float:
                 [watch],
                 ckpt_dir=ckpt_dir,
                 precision=opened.precision,
+                num_threads=opened.num_threads,
                 **resume,
             )
             if not cfg.callbacks.checkpoint.keep:
@@ -227,6 +232,20 @@ def train(cfg: DictConfig) -> float:
                     interrupted=outcome == "interrupted",
                     failed=outcome == "failed",
                 )
+
+
+def _processes(cfg: DictConfig) -> int:
+    """The processes one run trains in: ``devices`` under ddp_spawn on CPUs, else one."""
+    cpu = cfg.trainer.accelerator == "cpu"
+    return cfg.trainer.devices if cpu and cfg.trainer.strategy == "ddp_spawn" else 1
+
+
+def _launcher_cpus() -> int | None:
+    """The CPUs a sweep job's launcher allots it (submitit's ``cpus_per_task``), if any."""
+    if not HydraConfig.initialized():
+        return None
+    cpus = HydraConfig.get().launcher.get("cpus_per_task")
+    return cpus if isinstance(cpus, int) and cpus >= 1 else None
 
 
 def _checkpoint_dir(cfg: DictConfig, chash: str) -> Path:
@@ -276,6 +295,7 @@ class _Opened:
     tracker: Any = None  # the run (tracking.RunTracker), once the config is claimed
     own_parent: str | None = None  # a parent run this run opened itself
     precision: str = "32-true"  # trainer.precision as resolved on this machine (auto)
+    num_threads: int = 1  # trainer.num_threads as resolved for this process (auto)
 
 
 def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
@@ -300,6 +320,7 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
         "fitscope.data_manifest_sha256": dm.manifest_sha256(),
         **source,
         "fitscope.precision": opened.precision,
+        "fitscope.num_threads": str(opened.num_threads),
         **_job_info(),
     }
     chash = tracking.config_hash(run_cfg)
@@ -421,6 +442,7 @@ def _fit(
     *,
     ckpt_dir: Path,
     precision: str,
+    num_threads: int,
     resume_from: Path | None = None,
     logged_through: int = -1,
 ) -> float:
@@ -442,7 +464,7 @@ def _fit(
         build_trainer,
     )
 
-    torch.set_num_threads(cfg.trainer.num_threads)
+    torch.set_num_threads(num_threads)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning-internal deprecation
     # Lightning's start-up banners (GPU available, tips) add nothing to our logs.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -531,9 +553,10 @@ def _fit(
         progress_bar=cfg.callbacks.progress_bar,
         root_dir=str(run_dir),
     )
+    omp_before = os.environ.get("OMP_NUM_THREADS")
     if cfg.trainer.strategy == "ddp_spawn":
         # Spawned workers start fresh: torch reads its thread count from the environment.
-        os.environ["OMP_NUM_THREADS"] = str(cfg.trainer.num_threads)
+        os.environ["OMP_NUM_THREADS"] = str(num_threads)
         Path(returned.path).unlink(missing_ok=True)
     started = time.perf_counter()
     try:
@@ -543,6 +566,11 @@ def _fit(
         # the log, and its last line (the error itself) becomes the run's one-line failure.
         log.error("a DDP worker failed:%s", exc)
         raise FitscopeError(f"a DDP worker failed: {str(exc).strip().splitlines()[-1]}") from None
+    finally:  # the next job of a sweep in this process resolves `auto` afresh
+        if omp_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp_before
     wall = time.perf_counter() - started
     returned.restore()  # the workers' history and best epoch (ddp_spawn); no-op otherwise
     if not history.rows:
@@ -600,6 +628,7 @@ def _fit(
     metrics_out: dict[str, Any] = {metrics_file_key(k): v for k, v in summary.items()}
     metrics_out["seed"] = cfg.seed
     metrics_out["precision"] = precision
+    metrics_out["num_threads"] = num_threads
     if tracker is not None:
         metrics_out["mlflow_run_id"] = tracker.run_id
         _log_run_record(cfg, dm, tracker, history.rows, summary, run_dir)
