@@ -378,7 +378,19 @@ def team_stack(tmp_path_factory):
         stack.stop_stack(state)
 
 
+# The files that use the `team_stack` session fixture: one worker runs them all, so the
+# stack (~30 s to start, ~1.8 GB) is started once per `make test`, not once per worker.
+TEAM_STACK_FILES = ("test_stack.py", "test_cluster.py")
+
+
+def pytest_itemcollected(item) -> None:
+    """`make test` (`--dist loadgroup`) gives each worker one group at a time: a file, or
+    the team-stack files together."""
+    name = item.path.name
+    item.add_marker(pytest.mark.xdist_group("team_stack" if name in TEAM_STACK_FILES else name))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """The slow end-to-end tests first: `make test`'s two workers (one file at a time) start
-    on the long files together and the quick ones fill the gaps."""
+    """The slow end-to-end tests first: `make test`'s two workers start on the long groups
+    together and the quick ones fill the gaps."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -557,7 +557,8 @@ def start_stack(
 
 # Seconds to wait after the stop signal before SIGKILL. SeaweedFS's volume server is down
 # (its data flushed) in a second, but its filer then waits ~17 s on the S3 gateway's stream;
-# `ray start --block` itself never exits on SIGTERM (its children do, within seconds).
+# `ray start --block` never exits on SIGTERM; on SIGINT it stops its children and itself
+# within about a second.
 STOP_GRACE_S = {"postgres": 30.0, "s3": 8.0, "mlflow": 15.0, "ray": 5.0}
 
 
@@ -572,6 +573,8 @@ def _stop_component(state_dir: Path, name: str) -> bool:
     group = [proc, *proc.children(recursive=True)]
     if name == "postgres":
         proc.send_signal(signal.SIGINT)  # "fast" shutdown; SIGTERM waits for clients
+    elif name == "ray":
+        proc.send_signal(signal.SIGINT)  # `ray start --block` stops the head's processes
     else:
         for p in group:  # Ray and MLflow workers, the weed servers
             with contextlib.suppress(psutil.NoSuchProcess):
