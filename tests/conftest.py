@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -230,6 +231,38 @@ def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m fitscope.train -m ARGS` in ``cwd`` with this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "fitscope.train", "-m", *args],
+        cwd=cwd,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def job_metrics(sweep_root: Path) -> dict[int, dict]:
+    """metrics.json of each job of the one sweep under ``sweep_root``, by seed."""
+    files = list(sweep_root.glob("*/*/metrics.json"))
+    return {(m := json.loads(f.read_text()))["seed"]: m for f in files}
+
+
+def nested_finished_children(client, study: str, jobs: int) -> list:
+    """The study's child runs, after checking: one FINISHED parent, ``jobs`` FINISHED children
+    tagged with it."""
+    from fitscope import tracking
+
+    parents, children = runs_of(client, study)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == jobs
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags[tracking.PARENT_TAG] == parents[0].info.run_id
+    return children
 
 
 def make_repo_copy(dest: Path) -> Path:

@@ -1,9 +1,16 @@
-"""The team stack (fitscope.stack): real PostgreSQL, SeaweedFS S3, MLflow server, Ray head."""
+"""The team stack (fitscope.stack): real PostgreSQL, SeaweedFS S3, MLflow server, Ray head.
+
+Everything that needs the stack is in this file, so `make test` starts it once: the
+checks of each component, `dvc repro`/push/pull against it, and sweeps on its Ray head
+(the jobs log to its MLflow server; the sweep's driver runs in ``tmp_path`` while the Ray
+head, and so each worker, started elsewhere).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -12,9 +19,9 @@ import urllib.request
 from base64 import b64encode
 
 import pytest
-from conftest import make_repo_copy, run
+from conftest import job_metrics, make_repo_copy, nested_finished_children, run, runs_of, sweep
 
-from fitscope import stack
+from fitscope import stack, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -175,13 +182,19 @@ def team_repo(team_stack, tmp_path_factory):
 
 
 @pytest.fixture
-def server(team_stack, monkeypatch):
-    """An MlflowClient on the stack's server, with the credentials stack.env exports."""
-    from fitscope.tracking import get_client
-
-    for key, value in team_stack.client_env().items():
+def stack_env(team_stack, monkeypatch) -> dict[str, str]:
+    """The stack's client variables (what `source stack.env` exports), in this process."""
+    env = team_stack.client_env()
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return get_client()
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    return env
+
+
+@pytest.fixture
+def server(stack_env):
+    """An MlflowClient on the stack's server, with the credentials stack.env exports."""
+    return tracking.get_client()
 
 
 def _trained(repo) -> dict:
@@ -269,6 +282,69 @@ def test_fresh_clone_gets_the_trained_stage_from_the_run_cache(
         [e.experiment_id for e in server.search_experiments()], max_results=1000
     )
     assert len(runs_after) == len(runs_before)  # no new MLflow run: nothing retrained
+
+
+# -- sweeps on the stack's Ray head, logging to its server -------------------------------------
+
+RAY_DEBUG = ["+profile=debug", "progress=false"]  # 3 epochs of the tiny model
+
+
+def test_ray_sweep_logs_nested_runs_and_models_and_matches_a_local_run(
+    stack_env, processed_dir, tmp_path
+):
+    data = f"paths.data_dir={processed_dir}"
+    proc = sweep(["hydra/launcher=ray", "study=t_ray", "seed=0,1,2,3", data, *RAY_DEBUG], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # Each job ran in a Ray worker (Ray prefixes its lines with the worker's pid).
+    out = proc.stdout + proc.stderr
+    worker_pids = {int(p) for p in re.findall(r"\(_run_job pid=(\d+)", out)}
+    assert worker_pids
+
+    client = tracking.get_client(stack_env["MLFLOW_TRACKING_URI"])
+    children = nested_finished_children(client, "t_ray", 4)
+    assert {tracking.run_owner(c).pid for c in children} <= worker_pids
+    assert len({c.data.params["seed"] for c in children}) == 4
+    # Each job's model is in the server's artifact store (S3), logged from its run.
+    exp_id = client.get_experiment_by_name("t_ray").experiment_id
+    models = client.search_logged_models(experiment_ids=[exp_id])
+    assert {m.source_run_id for m in models} == {c.info.run_id for c in children}
+    # Outputs land under the driver's directory, as with a local sweep.
+    on_ray = job_metrics(tmp_path / "multirun" / "t_ray")
+    assert sorted(on_ray) == [0, 1, 2, 3]
+
+    # The same two jobs on the basic (in-process) launcher give the same results.
+    proc = sweep(["study=t_local", "seed=0,1", "logger=none", data, *RAY_DEBUG], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    local = job_metrics(tmp_path / "multirun" / "t_local")
+    assert sorted(local) == [0, 1]
+    for seed in (0, 1):
+        keys = [k for k in local[seed] if k.startswith(("best_val_", "test_"))]
+        assert "best_val_loss" in keys and "test_auroc" in keys
+        assert {k: on_ray[seed][k] for k in keys} == {k: local[seed][k] for k in keys}
+
+
+def test_optuna_search_runs_through_ray(stack_env, processed_dir, tmp_path):
+    proc = sweep(
+        [
+            "hydra/launcher=ray",
+            "hparams_search=mnist_random",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",  # one batch of two trials, side by side on the cluster
+            "trainer.max_epochs=2",
+            "study=t_ray_search",
+            f"paths.data_dir={processed_dir}",
+            "progress=false",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(set(re.findall(r"\(_run_job pid=(\d+)", proc.stdout + proc.stderr))) >= 1
+    client = tracking.get_client(stack_env["MLFLOW_TRACKING_URI"])
+    children = nested_finished_children(client, "t_ray_search", 2)
+    assert len({c.data.params["optimizer.lr"] for c in children}) == 2
+    parents, _ = runs_of(client, "t_ray_search")
+    best = max(c.data.metrics["best/val/acc"] for c in children)
+    assert parents[0].data.metrics["best/val/acc"] == pytest.approx(best)
 
 
 def test_stop_by_pid_then_start_keeps_runs_models_and_credentials(team_stack, team_repo):
