@@ -558,6 +558,8 @@ def study_minutes(profile: str) -> float:
         paths = [str(copy / "src"), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
         env.pop("FITSCOPE_PARENT_RUN_ID", None)
+        # The stages call `fitscope`: the venv's scripts first on PATH, as `make` puts them.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         dvc = Path(sys.executable).with_name("dvc")
         start = time.perf_counter()
         subprocess.run([str(dvc), "repro"], cwd=copy, env=env, check=True)
