@@ -161,7 +161,7 @@ def get_client(uri: str | None = None):
             if db is not None
             else "start the tracking server or correct MLFLOW_TRACKING_URI (and credentials)"
         )
-        error = ServerUnreachable if is_server(uri) and unreachable(exc) else FitscopeError
+        error = ServerUnreachable if server_down(uri, exc) else FitscopeError
         raise error(f"cannot use the MLflow tracking store {uri} ({reason}). Fix: {fix}") from None
     return client
 
@@ -173,6 +173,11 @@ class ServerUnreachable(FitscopeError):
 def is_server(uri: str) -> bool:
     """Whether ``uri`` is a tracking server (HTTP), the only store a run can be cut off from."""
     return uri.startswith(("http://", "https://"))
+
+
+def server_down(uri: str, exc: BaseException) -> bool:
+    """Whether ``exc`` means that tracking server ``uri`` is down: training goes on offline."""
+    return is_server(uri) and unreachable(exc)
 
 
 def unreachable(exc: BaseException) -> bool:

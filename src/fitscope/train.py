@@ -377,7 +377,7 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
                     **record,
                 )
     except Exception as exc:
-        if not (tracking.is_server(uri) and tracking.unreachable(exc)):
+        if not tracking.server_down(uri, exc):
             raise
         if not parent and parent_spec:
             record.update(parent_spec)
@@ -754,7 +754,7 @@ class MlflowSweepCallback(Callback):
             exp_id = tracking.ensure_experiment(client, config.study, study_description(config))
             parent = tracking.find_or_create_parent(client, exp_id, key, name, tags)
         except Exception as exc:
-            if not (tracking.is_server(uri) and tracking.unreachable(exc)):
+            if not tracking.server_down(uri, exc):
                 raise
             # The jobs train anyway; each finds or creates the parent once the server is
             # back, or keeps it in its pending record for `fitscope runs sync`.
