@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+import yaml
 from conftest import run, venv_env
 
 from fitscope.tracking import get_client
@@ -31,12 +32,18 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
         "+experiment=higgs_capacity model=tiny trainer.max_epochs=500"
         " callbacks.early_stopping.patience=500"
     )
+    # One HIGGS variant (stage train@higgs trains them all), committed: queued
+    # experiments start from the commit.
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["variants"]["higgs"] = {"higgs-tiny": params["variants"]["higgs"]["higgs-tiny"]}
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "one HIGGS variant"], repo_copy)
     for name, seeds in (("tiny-s0", "0"), ("tiny-s1", "1")):
         run(
             [
-                *("dvc", "exp", "run", "--queue", "train@higgs-tiny", "-n", name),
+                *("dvc", "exp", "run", "--queue", "train@higgs", "-n", name),
                 *("-S", "study.profile=debug", "-S", f"study.seeds='{seeds}'"),
-                *("-S", f"variants.higgs-tiny.overrides='{overrides}'"),
+                *("-S", f"variants.higgs.higgs-tiny.overrides='{overrides}'"),
             ],
             repo_copy,
         )

@@ -115,7 +115,7 @@ def test_download_shows_bytes_rate_and_time_left(
 SCRIPT = """
 import sys
 from fitscope.cli import main
-main(["evaluate", "higgs-a"]); main(["evaluate", "higgs-b"]); main(["summary"])
+main(["evaluate", "higgs"]); main(["summary"])
 heavy = ("pytorch_lightning", "lightning_fabric", "torchmetrics", "torch", "mlflow")
 print("HEAVY", sorted(m for m in heavy if m in sys.modules))
 """
@@ -128,7 +128,7 @@ def test_summary_prints_the_metrics_files_and_imports_no_training_stack(tmp_path
     variants = {"higgs-a": 0.60, "higgs-b": 0.65}
     for name, best in variants.items():
         for seed in range(seeds):
-            d = tmp_path / "runs" / name / str(seed)
+            d = tmp_path / "runs" / "higgs" / name / str(seed)
             d.mkdir(parents=True)
             hist = "epoch,train/loss,val/loss,train/acc,val/acc\n0,0.7,0.7,0.5,0.5\n"
             (d / "history.csv").write_text(
@@ -151,7 +151,7 @@ def test_summary_prints_the_metrics_files_and_imports_no_training_stack(tmp_path
             (d / "metrics.json").write_text(json.dumps(run))
     params = {
         "study": {"profile": "quick", "seeds": ",".join(map(str, range(seeds)))},
-        "variants": {n: {"dataset": "higgs", "study": "s", "overrides": ""} for n in variants},
+        "variants": {"higgs": {n: {"study": "s", "overrides": ""} for n in variants}},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run(
@@ -162,7 +162,7 @@ def test_summary_prints_the_metrics_files_and_imports_no_training_stack(tmp_path
     # Scoring and reporting run without Lightning, torchmetrics, torch or MLflow.
     assert "HEAVY []" in out
     for name in variants:
-        m = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
+        m = json.loads((tmp_path / "metrics" / "higgs.json").read_text())[name]
         row = next(line for line in out.splitlines() if f" {name} " in line)
         cells = [c.strip() for c in re.split(r"[│|]", row) if c.strip()]
         for key in ("test_loss", "test_acc", "test_auroc"):

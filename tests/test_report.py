@@ -52,7 +52,7 @@ def test_val_rise_with_train_also_rising_is_not_overfitting():
 
 
 def _fake_run(root, name, seed, best_val, run_id=None):
-    d = root / "runs" / name / str(seed)
+    d = root / "runs" / name.split("-")[0] / name / str(seed)  # runs/<dataset>/<variant>
     d.mkdir(parents=True)
     hist = curve(train=[0.7, 0.5, 0.4], val=[0.7, best_val, best_val + 0.05])
     with open(d / "history.csv", "w", newline="") as fh:
@@ -115,28 +115,28 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
     params = {
         "study": {"profile": "quick"},
         "variants": {
-            "higgs-a": {"dataset": "higgs", "study": "s1", "overrides": ""},
-            "higgs-b": {"dataset": "higgs", "study": "s1", "overrides": ""},
+            "higgs": {
+                "higgs-a": {"study": "s1", "overrides": ""},
+                "higgs-b": {"study": "s1", "overrides": ""},
+            }
         },
     }
     parent_id, run_ids = _tracked_runs(["higgs-a", "higgs-b"], 2)
+    tests = {}
     for name, vals in {"higgs-a": (0.60, 0.62), "higgs-b": (0.65, 0.65)}.items():
         for seed, v in enumerate(vals):
             _fake_run(tmp_path, name, seed, v, run_ids[name, seed])
-        (tmp_path / "metrics").mkdir(exist_ok=True)
-        (tmp_path / "metrics" / f"{name}.json").write_text(
-            json.dumps(
-                {
-                    "seeds": 2,
-                    "test_loss": 0.61,
-                    "test_loss_std": 0.01,
-                    "test_acc": 0.7,
-                    "test_acc_std": 0.02,
-                    "test_auroc": 0.75,
-                    "test_auroc_std": 0.0,
-                }
-            )
-        )
+        tests[name] = {
+            "seeds": 2,
+            "test_loss": 0.61,
+            "test_loss_std": 0.01,
+            "test_acc": 0.7,
+            "test_acc_std": 0.02,
+            "test_auroc": 0.75,
+            "test_auroc_std": 0.0,
+        }
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "higgs.json").write_text(json.dumps(tests))
     md = write_study_report(params, tmp_path / "runs", tmp_path / "metrics", tmp_path / "reports")
     text = md.read_text()
     assert "quick profile" in text
@@ -168,6 +168,6 @@ def test_missing_metrics_is_a_clear_error(tmp_path):
     from fitscope.errors import FitscopeError
 
     _fake_run(tmp_path, "higgs-a", 0, 0.6)
-    params = {"variants": {"higgs-a": {"dataset": "higgs", "study": "s", "overrides": ""}}}
+    params = {"variants": {"higgs": {"higgs-a": {"study": "s", "overrides": ""}}}}
     with pytest.raises(FitscopeError, match="evaluate stage"):
         write_study_report(params, tmp_path / "runs", tmp_path / "metrics", tmp_path / "r")

@@ -11,7 +11,8 @@ import torch
 import yaml
 from conftest import last_error_line, run
 
-from fitscope.stages import train_overrides
+from fitscope.errors import FitscopeError
+from fitscope.stages import train_sweep
 
 
 class _Payload:
@@ -32,7 +33,7 @@ def fitscope(args, cwd):
 
 def test_a_crafted_model_file_runs_nothing_and_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    run_dir = tmp_path / "runs" / "evil" / "0"
+    run_dir = tmp_path / "runs" / "higgs" / "evil" / "0"
     run_dir.mkdir(parents=True)
     torch.save({"state_dict": _Payload(marker), "config": {}}, run_dir / "model.pt")
     (run_dir / "metrics.json").write_text("{}")
@@ -43,9 +44,9 @@ def test_a_crafted_model_file_runs_nothing_and_is_refused(tmp_path):
 
     # The evaluate stage reads the test metrics the training job wrote (plain JSON); it
     # never unpickles a model file, so the payload cannot run.
-    proc = fitscope(["evaluate", "evil"], tmp_path)
+    proc = fitscope(["evaluate", "higgs"], tmp_path)
     line = last_error_line(proc, 2)
-    assert line.startswith("fitscope: error: runs/evil/0/metrics.json has no test metrics")
+    assert line.startswith("fitscope: error: runs/higgs/evil/0/metrics.json has no test metrics")
     assert "Fix: retrain it" in line
     assert not marker.exists()
     assert not (tmp_path / "metrics").exists()
@@ -54,16 +55,22 @@ def test_a_crafted_model_file_runs_nothing_and_is_refused(tmp_path):
 @pytest.mark.parametrize("variant", ["../../x", "/etc", "a/b", ".hidden"])
 def test_variant_names_that_leave_their_folder_are_refused(variant, tmp_path):
     proc = fitscope(["evaluate", variant], tmp_path)
-    assert f"variant={variant!r} is not a valid name" in last_error_line(proc, 2)
+    assert f"dataset={variant!r} is not a valid name" in last_error_line(proc, 2)
 
 
-def test_overrides_from_params_are_split_without_a_shell():
+def test_overrides_from_params_are_split_without_a_shell_and_parsed_by_hydra():
     params = {
         "study": {"profile": "debug", "seeds": "0,1"},
-        "variants": {"v1": {"study": "s", "overrides": "model=tiny 'study=a b' $(touch x)"}},
+        "variants": {"g": {"v1": {"study": "s", "overrides": "model=tiny 'study=a b'"}}},
     }
-    assert train_overrides(params, "v1")[:4] == ["model=tiny", "study=a b", "$(touch", "x)"]
-    assert "seed=0,1" in train_overrides(params, "v1")
+    overrides, jobs = train_sweep(params, "g")
+    assert jobs == [["model=tiny", "study=a b", "study=s", "variant=v1"]]
+    assert "seed=0,1" in overrides
+    params["variants"]["g"]["v1"]["overrides"] = "model=tiny $(touch x)"
+    with pytest.raises(
+        FitscopeError, match=r"^variants\.g\.v1\.overrides: cannot parse override '\$\(touch'"
+    ):
+        train_sweep(params, "g")
 
 
 @pytest.mark.slow
@@ -71,24 +78,26 @@ def test_shell_text_in_a_params_override_is_never_executed_by_dvc(repo_copy, tmp
     marker = tmp_path / "pwned"
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["variants"] = {
-        "evil": {
-            "dataset": "higgs",
-            "study": "higgs_capacity",
-            # Inside double quotes a shell still runs $(...): the old stage command did.
-            "overrides": f'+experiment=higgs_capacity model=tiny "study=$(touch {marker})"',
+        "higgs": {
+            "evil": {
+                "study": "higgs_capacity",
+                # Inside double quotes a shell still runs $(...): the old stage command did.
+                "overrides": f'+experiment=higgs_capacity model=tiny "study=$(touch {marker})"',
+            }
         }
     }
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
     run(["dvc", "repro", "split_higgs"], repo_copy)
     proc = subprocess.run(
-        ["dvc", "repro", "-s", "train@evil"],
+        ["dvc", "repro", "-s", "train@higgs"],
         cwd=repo_copy,
         capture_output=True,
         text=True,
         env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
     )
     assert proc.returncode != 0
-    assert "fitscope: error: cannot parse override 'study=$(touch" in proc.stdout + proc.stderr
+    error = "fitscope: error: variants.higgs.evil.overrides: cannot parse override 'study=$(touch"
+    assert error in proc.stdout + proc.stderr
     assert not marker.exists()
 
 

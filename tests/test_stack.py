@@ -148,7 +148,8 @@ def test_unknown_component_is_one_line_error(tmp_path):
 
 # -- "works unchanged" against the stack, and the DVC remote ---------------------------------
 
-VARIANT = "higgs-tiny"
+VARIANT = "higgs-tiny"  # the one variant of the study below: stage train@higgs
+STAGE = "train@higgs"
 
 
 def _debug_study(repo) -> None:
@@ -158,7 +159,7 @@ def _debug_study(repo) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
     params["study"]["profile"] = "debug"
-    params["variants"] = {VARIANT: params["variants"][VARIANT]}
+    params["variants"] = {"higgs": {VARIANT: params["variants"]["higgs"][VARIANT]}}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -176,7 +177,7 @@ def team_repo(team_stack, tmp_path_factory):
     repo = _clone(team_stack, tmp_path_factory.mktemp("team") / "repo")
     # `report` and what it needs (the MNIST data stages are not needed here).
     out = run(["dvc", "repro", "report"], repo, env=team_stack.client_env()).stdout
-    assert f"Running stage 'train@{VARIANT}'" in out and "Running stage 'report'" in out
+    assert f"Running stage '{STAGE}'" in out and "Running stage 'report'" in out
     run(["dvc", "push", "--run-cache"], repo)
     return repo
 
@@ -198,7 +199,7 @@ def server(stack_env):
 
 
 def _trained(repo) -> dict:
-    return json.loads((repo / "runs" / VARIANT / "0" / "metrics.json").read_text())
+    return json.loads((repo / "runs" / "higgs" / VARIANT / "0" / "metrics.json").read_text())
 
 
 def test_pipeline_logs_run_model_and_alias_to_the_server(
@@ -249,7 +250,7 @@ def _digests(repo, *paths: str) -> dict[str, str]:
     return found
 
 
-OUTPUTS = ("data/raw/higgs", "data/processed/higgs", f"runs/{VARIANT}")
+OUTPUTS = ("data/raw/higgs", "data/processed/higgs", "runs/higgs")
 
 
 def test_dvc_push_then_pull_on_another_clone_restores_data_splits_and_model(
@@ -257,7 +258,7 @@ def test_dvc_push_then_pull_on_another_clone_restores_data_splits_and_model(
 ):
     clone = _clone(team_stack, tmp_path / "clone")
     (clone / "dvc.lock").write_text((team_repo / "dvc.lock").read_text())
-    run(["dvc", "pull", "fetch_higgs", "split_higgs", f"train@{VARIANT}"], clone)
+    run(["dvc", "pull", "fetch_higgs", "split_higgs", STAGE], clone)
     want = _digests(team_repo, *OUTPUTS)
     assert any(k.endswith(".npy") for k in want) and any("model" in k for k in want), want
     assert _digests(clone, *OUTPUTS) == want
@@ -270,14 +271,14 @@ def test_fresh_clone_gets_the_trained_stage_from_the_run_cache(
         [e.experiment_id for e in server.search_experiments()], max_results=1000
     )
     clone = _clone(team_stack, tmp_path / "fresh")
-    assert f"train@{VARIANT}" not in (clone / "dvc.lock").read_text()  # nothing trained here
+    assert STAGE not in (clone / "dvc.lock").read_text()  # nothing trained here
     # --pull: the run cache and the outputs its entries name (`dvc pull --run-cache` alone
     # fails on the stages this clone's dvc.lock does not record, docs/team.md).
-    cmd = ["dvc", "repro", "--pull", f"train@{VARIANT}"]
+    cmd = ["dvc", "repro", "--pull", STAGE]
     out = run(cmd, clone, env=team_stack.client_env()).stdout
-    assert f"Stage 'train@{VARIANT}' is cached - skipping run, checking out outputs" in out
-    assert f"Running stage 'train@{VARIANT}'" not in out
-    assert _digests(clone, f"runs/{VARIANT}") == _digests(team_repo, f"runs/{VARIANT}")
+    assert f"Stage '{STAGE}' is cached - skipping run, checking out outputs" in out
+    assert f"Running stage '{STAGE}'" not in out
+    assert _digests(clone, "runs/higgs") == _digests(team_repo, "runs/higgs")
     runs_after = server.search_runs(
         [e.experiment_id for e in server.search_experiments()], max_results=1000
     )

@@ -156,8 +156,10 @@ def test_params_yaml_variants_have_the_names_a_hydra_sweep_gives_them():
     from conftest import REPO
 
     variants = yaml.safe_load((REPO / "params.yaml").read_text())["variants"]
-    for key, spec in variants.items():
-        assert compose(*shlex.split(spec["overrides"])).variant == key
+    for dataset, group in variants.items():
+        for key, spec in group.items():
+            cfg = compose(*shlex.split(spec["overrides"]))
+            assert (cfg.variant, cfg.data.name) == (key, dataset)
     assert compose("model=small", "regularization=l2").variant == "higgs-small-l2"
     assert compose("+experiment=higgs_regularization", "model=small").variant == "higgs-small"
 
@@ -178,7 +180,7 @@ def test_git_dirtiness_ignores_only_what_dvc_writes(tmp_path, monkeypatch):
     (tmp_path / "dvc.lock").write_text("b\n")
     monkeypatch.delenv("DVC_STAGE", raising=False)
     assert tracking.source_tags("x")["fitscope.git_dirty"] == "true"
-    monkeypatch.setenv("DVC_STAGE", "train@higgs-tiny")
+    monkeypatch.setenv("DVC_STAGE", "train@higgs")
     monkeypatch.setenv("DVC_EXP_NAME", "funny-exp")
     tags = tracking.source_tags("x")
     assert tags["fitscope.git_dirty"] == "false"
@@ -398,3 +400,39 @@ def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, mlflow_uri):
     _, children = runs_of(tracking.get_client(), "t_mixed")
     statuses = sorted(r.info.status for r in children)
     assert statuses == ["FAILED", "FINISHED"]
+
+
+def test_a_dvc_train_stage_is_one_sweep_of_its_datasets_variants(monkeypatch):
+    import yaml
+    from conftest import REPO
+
+    from fitscope.errors import FitscopeError
+    from fitscope.stages import stage_target, train_sweep
+
+    monkeypatch.setenv("DVC_STAGE", "train@higgs")
+    assert stage_target(None) == "higgs"
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["study"].update(seeds="0,1", jobs="auto")
+    overrides, jobs = train_sweep(params, "higgs")
+    assert [job[-1] for job in jobs] == [f"variant={v}" for v in params["variants"]["higgs"]]
+    assert "seed=0,1" in overrides and "hydra.sweep.dir=runs/higgs" in overrides
+    assert "hydra/launcher=joblib" in overrides  # 16 jobs, 2 cores here: 2 at a time
+    assert f"hydra.launcher.n_jobs={min(16, len(os.sched_getaffinity(0)))}" in overrides
+    params["study"]["jobs"] = 1  # one at a time, in the stage's own process
+    assert not [o for o in train_sweep(params, "higgs")[0] if "launcher" in o]
+    one_overrides, one = train_sweep(params, "mnist-wd")  # one variant, by hand
+    assert one == [
+        [
+            *params["variants"]["mnist"]["mnist-wd"]["overrides"].split(),
+            "study=mnist_weight_decay",
+            "variant=mnist-wd",
+        ]
+    ]
+    assert "hydra.sweep.dir=runs/mnist" in one_overrides
+    for bad in (0, "two", True):
+        params["study"]["jobs"] = bad
+        with pytest.raises(FitscopeError, match=r"study.jobs=.* is not auto or a count"):
+            train_sweep(params, "higgs")
+    params["study"]["jobs"] = 1
+    with pytest.raises(FitscopeError, match=r"no variants\.cifar and no variant 'cifar'"):
+        train_sweep(params, "cifar")

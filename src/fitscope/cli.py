@@ -122,8 +122,8 @@ def cmd_synth_higgs(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from fitscope import stages
 
-    variant = stages.stage_variant(args.variant)
-    stages.run_train(stages.train_overrides(load_params(args.params), variant))
+    name = stages.stage_target(args.name)
+    stages.run_train(*stages.train_sweep(load_params(args.params), name))
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -133,13 +133,13 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from fitscope.evaluate import evaluate_variant
+    from fitscope.evaluate import evaluate_dataset
 
-    check_name("variant", args.variant)
-    result = evaluate_variant(args.variant, args.runs, args.out)
+    check_name("dataset", args.dataset)
     keys = ("test_loss", "test_acc", "test_auroc", "train_eval_loss")
-    shown = ", ".join(f"{k}={result[k]:.4f}" for k in keys if k in result)
-    print(f"evaluated {args.variant}: {shown}")
+    for variant, result in evaluate_dataset(args.dataset, args.runs, args.out).items():
+        shown = ", ".join(f"{k}={result[k]:.4f}" for k in keys if k in result)
+        print(f"evaluated {variant}: {shown}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -265,9 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_synth_higgs)
 
-    train = sub.add_parser("train", help="train one variant of params.yaml (DVC train stage)")
+    train = sub.add_parser(
+        "train", help="train a dataset's variants of params.yaml (DVC train stage), or one"
+    )
     train.add_argument(
-        "variant", nargs="?", help="a key of params.yaml's variants (default: from DVC_STAGE)"
+        "name",
+        nargs="?",
+        help="a dataset under params.yaml's variants, or one variant (default: from DVC_STAGE)",
     )
     train.set_defaults(func=cmd_train)
 
@@ -275,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("sampler", choices=["random", "tpe"])
     search.set_defaults(func=cmd_search)
 
-    evaluate = sub.add_parser("evaluate", help="score a trained variant on the test split")
-    evaluate.add_argument("variant")
+    evaluate = sub.add_parser(
+        "evaluate", help="average each trained variant's test scores (DVC evaluate stage)"
+    )
+    evaluate.add_argument("dataset", help="runs/<dataset> holds its variants' runs")
     evaluate.add_argument("--runs", default="runs")
     evaluate.add_argument("--out", default="metrics")
     evaluate.set_defaults(func=cmd_evaluate)

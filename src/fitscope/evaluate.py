@@ -1,4 +1,4 @@
-"""The DVC evaluate stage: a variant's test metrics over its seeds, as one DVC metrics file.
+"""The DVC evaluate stage: each variant's test metrics over its seeds, one metrics file a dataset.
 
 Each training job scores its best model on the held-out test split in the process that
 trained it (``scoring.test_scores``, called by ``train._fit``) and writes the figures
@@ -38,25 +38,35 @@ def _seed_scores(run_dir: Path) -> dict[str, float]:
     if "test_loss" not in scores:
         raise FitscopeError(
             f"{path} has no test metrics (written by an older fitscope, or not by fitscope). "
-            "Fix: retrain it (`dvc repro -f -s train@<variant>`)"
+            "Fix: retrain it (`dvc repro -f -s train@<dataset>`)"
         )
     return scores
 
 
-def evaluate_variant(
-    variant: str, runs_root: str | Path = "runs", out_dir: str | Path = "metrics"
-) -> dict[str, Any]:
-    """Average the test metrics of every seed of ``variant``; write ``metrics/<variant>.json``.
-
-    The file holds the mean over seeds (and ``*_std`` with several seeds); per-class
-    accuracies are in the MLflow runs only, to keep `dvc metrics show` readable.
-    """
-    per_seed = [_seed_scores(d) for d in seed_dirs(Path(runs_root) / variant)]
+def variant_scores(variant_dir: str | Path) -> dict[str, Any]:
+    """The mean over seeds of a variant's test metrics (and ``*_std`` with several seeds)."""
+    per_seed = [_seed_scores(d) for d in seed_dirs(variant_dir)]
     result: dict[str, Any] = {"seeds": len(per_seed)}
     for key in per_seed[0]:
         values = [m[key] for m in per_seed if key in m]
         result[key] = statistics.fmean(values)
         if len(values) > 1:
             result[f"{key}_std"] = statistics.stdev(values)
-    write_json(Path(out_dir) / f"{variant}.json", result)
+    return result
+
+
+def evaluate_dataset(
+    dataset: str, runs_root: str | Path = "runs", out_dir: str | Path = "metrics"
+) -> dict[str, dict[str, Any]]:
+    """Score every variant trained in ``runs/<dataset>``; write ``metrics/<dataset>.json``.
+
+    One entry per variant (``dvc metrics show`` prints ``<variant>.test_loss`` ...);
+    per-class accuracies are in the MLflow runs only, to keep that table readable.
+    """
+    root = Path(runs_root) / dataset
+    variants = sorted({p.parent.parent.name for p in root.glob("*/*/metrics.json")})
+    if not variants:
+        raise FitscopeError(f"no trained runs in {root}. Fix: run `dvc repro` first")
+    result = {name: variant_scores(root / name) for name in variants}
+    write_json(Path(out_dir) / f"{dataset}.json", result)
     return result

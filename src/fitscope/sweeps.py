@@ -57,7 +57,8 @@ def callback_errors_exit(hook: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def _parse(overrides: list[str]) -> list[Override]:
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """Hydra's own parse of command-line overrides (raises OverrideParseException)."""
     return OverridesParser.create().parse_overrides(overrides)
 
 
@@ -83,33 +84,40 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     """The override list of every job a multirun will launch (or, for a search, its edges).
 
     The basic sweeper's jobs are the product of the sweep overrides on the command line
-    and in ``hydra.sweeper.params``, as Hydra's BasicSweeper builds them. A search
+    and in ``hydra.sweeper.params``, as Hydra's BasicSweeper builds them; the job-list
+    sweeper crosses its ``jobs`` with that product. A search
     (Optuna) draws its jobs later, so each search dimension is checked at its edges.
     """
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    from hydra_plugins.fitscope_sweeper import cross_jobs
 
     arguments = [str(o) for o in config.hydra.overrides.task]
     params = config.hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=False) if params else {}
     in_config = [f"{k}={v}" for k, v in params.items()]
     if not is_search(config):
-        jobs = BasicSweeper.split_arguments(_parse(in_config + arguments), None)
-        return [job for batch in jobs for job in batch]
-    fixed = [o.input_line for o in _parse(arguments) if not o.is_sweep_override()]
+        grid = BasicSweeper.split_arguments(parse_overrides(in_config + arguments), None)[0]
+        listed = config.hydra.sweeper.get("jobs") or []  # the job-list sweeper (DVC stages)
+        return cross_jobs([[str(o) for o in job] for job in listed], grid)
+    fixed = [o.input_line for o in parse_overrides(arguments) if not o.is_sweep_override()]
     jobs = [fixed]
-    for override in _parse(in_config):
+    for override in parse_overrides(in_config):
         key = override.get_key_element()
         jobs += [[*fixed, f"{key}={value}"] for value in _edge_values(override)]
     return jobs
 
 
 def _validate_job(
-    job: DictConfig, num: int | None, output_dir: str, validate: Callable[[DictConfig], None]
+    job: DictConfig, num: int | None, output_dir: str | None, validate: Callable[[DictConfig], None]
 ) -> None:
-    """``validate`` one composed job as its task will see it (``hydra:`` values included)."""
+    """``validate`` one composed job as its task will see it (``hydra:`` values included);
+    a sweep job's output directory is its ``hydra.sweep.dir``/``subdir``, as Hydra makes it."""
     with open_dict(job):
         if num is not None:
             job.hydra.job.num = num
+        if output_dir is None:
+            output_dir = str(Path(job.hydra.sweep.dir) / str(job.hydra.sweep.subdir))
         job.hydra.runtime.output_dir = output_dir
     HydraConfig.instance().set_config(job)
     with open_dict(job):
@@ -138,9 +146,8 @@ def validate_jobs(config: DictConfig, validate: Callable[[DictConfig], None]) ->
                 job = loader.load_sweep_config(config, overrides)
             except (HydraException, OmegaConfBaseException) as exc:
                 raise FitscopeError(f"sweep job {overrides}: {usage_error(exc)}") from None
-            subdir = Path(config.hydra.sweep.dir) / str(num)
             try:
-                _validate_job(job, num, str(subdir), validate)
+                _validate_job(job, num, None, validate)
             except FitscopeError as exc:
                 raise FitscopeError(f"sweep job {' '.join(overrides)}: {exc}") from None
     finally:

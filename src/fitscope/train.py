@@ -722,7 +722,9 @@ class MlflowSweepCallback(Callback):
         # (started after this hook) inherit the variable.
         total = config.hydra.sweeper.n_trials if is_search(config) else jobs
         os.environ[SWEEP_JOBS_ENV] = str(total)
-        if config.logger.name != "mlflow":
+        if config.logger.name != "mlflow" or config.hydra.sweeper.get("jobs"):
+            # A job list (a DVC train stage) spans studies, each its own MLflow experiment:
+            # each job finds or creates its study's parent by tracking.parent_key (_claim).
             return
         from fitscope import tracking
 
@@ -776,7 +778,8 @@ class MlflowSweepCallback(Callback):
         # Runs in the job's own process (also a joblib worker): "<done>/<total> jobs done".
         total = os.environ.get(SWEEP_JOBS_ENV)
         if total and config.get("progress") and config.hydra.mode == RunMode.MULTIRUN:
-            job_done(config.hydra.sweep.dir, int(total), config.study)
+            # A DVC train stage's jobs span studies: the stage names the sweep.
+            job_done(config.hydra.sweep.dir, int(total), os.environ.get("DVC_STAGE", config.study))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from fitscope import lifecycle, tracking

@@ -15,6 +15,7 @@ from fitscope.errors import FitscopeError
 from fitscope.evaluate import seed_dirs
 from fitscope.fileio import atomic_path, write_csv
 from fitscope.report.plotting import pyplot, save_png
+from fitscope.stages import variant_specs
 from fitscope.tracking import where_to_look
 
 # Variants drawn as the reference curve in another study's figure (the classic plots do).
@@ -117,19 +118,27 @@ def _read_history(path: Path) -> list[dict[str, float]]:
 def load_results(params: dict[str, Any], runs_root: Path, metrics_dir: Path) -> list[VariantResult]:
     """Everything the report needs, per variant in params.yaml order."""
     results = []
-    for name, spec in (params.get("variants") or {}).items():
-        dirs = seed_dirs(runs_root / name)
-        test_path = metrics_dir / f"{name}.json"
-        if not test_path.exists():
-            raise FitscopeError(f"{test_path} not found. Fix: run `dvc repro` (evaluate stage)")
+    tests: dict[str, dict[str, Any]] = {}
+    for name, spec in variant_specs(params).items():
+        dataset = spec["dataset"]
+        dirs = seed_dirs(runs_root / dataset / name)
+        test_path = metrics_dir / f"{dataset}.json"
+        if dataset not in tests:
+            if not test_path.exists():
+                raise FitscopeError(f"{test_path} not found. Fix: run `dvc repro` (evaluate stage)")
+            tests[dataset] = json.loads(test_path.read_text())
+        if name not in tests[dataset]:
+            raise FitscopeError(
+                f"{test_path} has no {name}. Fix: run `dvc repro` (evaluate@{dataset})"
+            )
         results.append(
             VariantResult(
                 name=name,
-                dataset=spec["dataset"],
+                dataset=dataset,
                 study=spec["study"],
                 runs=[json.loads((d / "metrics.json").read_text()) for d in dirs],
                 histories=[_read_history(d / "history.csv") for d in dirs],
-                test=json.loads(test_path.read_text()),
+                test=tests[dataset][name],
             )
         )
     if not results:
