@@ -40,8 +40,8 @@ demo: install
 	@echo "registry: models:/fitscope-higgs@quick  (@champion comes from the classic study only)"
 	@echo "classic:  git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
 
-# The classic study: `dvc repro`, one stage at a time (DVC runs one stage at a time in a
-# workspace; side-by-side experiments go through `dvc exp run --queue`, docs/pipeline.md).
+# The classic study: `dvc repro`. DVC runs one stage at a time in a workspace; a train stage
+# trains its dataset's variants study.jobs at a time (auto: one per core, docs/pipeline.md).
 study: install
 	$(DVC) repro
 	@echo

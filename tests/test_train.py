@@ -436,3 +436,6 @@ def test_a_dvc_train_stage_is_one_sweep_of_its_datasets_variants(monkeypatch):
     params["study"]["jobs"] = 1
     with pytest.raises(FitscopeError, match=r"no variants\.cifar and no variant 'cifar'"):
         train_sweep(params, "cifar")
+    params["variants"]["mnist"]["higgs-tiny"] = params["variants"]["higgs"]["higgs-tiny"]
+    with pytest.raises(FitscopeError, match=r"'higgs-tiny' is under both variants\.higgs and"):
+        train_sweep(params, "mnist")

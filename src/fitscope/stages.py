@@ -34,8 +34,8 @@ def stage_target(name: str | None) -> str:
     stage = os.environ.get("DVC_STAGE", "")
     if not stage.startswith("train@"):
         raise FitscopeError(
-            "no variant given and not run as a DVC train stage. Fix: `fitscope train <name>` "
-            "with a dataset of params.yaml's variants (all its variants) or one variant's key"
+            "no dataset or variant given and not run as a DVC train stage. Fix: `fitscope "
+            "train <name>` with a dataset under params.yaml's variants, or one variant's key"
         )
     return stage.removeprefix("train@")
 
@@ -56,6 +56,11 @@ def variant_specs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if not isinstance(spec, dict):
                 raise FitscopeError(
                     f"variants.{dataset}.{name} is not a mapping. Fix: give it study and overrides"
+                )
+            if name in specs:  # runs, metrics and MLflow runs are named by the variant alone
+                raise FitscopeError(
+                    f"variant {name!r} is under both variants.{specs[name]['dataset']} and "
+                    f"variants.{dataset}. Fix: give one of them another name"
                 )
             specs[name] = {**spec, "dataset": dataset}
     return specs
