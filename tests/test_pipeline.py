@@ -178,6 +178,30 @@ def test_dvc_runs_are_named_tagged_and_annotated(study_repo):
         assert ds.dataset.name == "higgs"
 
 
+def test_each_study_of_a_train_stage_has_one_parent_closed_with_its_children(study_repo):
+    """A train stage's sweep spans studies: one parent per study, made before the jobs
+    and closed by the sweep with every child counted."""
+    import collections
+
+    import yaml
+
+    from fitscope.tracking import get_client
+
+    repo, _ = study_repo
+    variants = yaml.safe_load((repo / "params.yaml").read_text())["variants"]
+    per_study = collections.Counter(v["study"] for g in variants.values() for v in g.values())
+    client = get_client(f"sqlite:///{repo / 'mlflow.db'}")
+    for study, count in per_study.items():
+        exp = client.get_experiment_by_name(study)
+        runs = client.search_runs([exp.experiment_id])
+        (parent,) = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
+        assert parent.info.status == "FINISHED"
+        assert parent.data.metrics["sweep/children_finished"] == count
+        children = [r for r in runs if r is not parent]
+        assert len(children) == count
+        assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+
+
 def test_metrics_and_plots_commands_read_the_outputs(study_repo):
     repo, _ = study_repo
     shown = run(["dvc", "metrics", "show", "--json"], repo).stdout

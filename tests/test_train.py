@@ -429,6 +429,10 @@ def test_a_dvc_train_stage_is_one_sweep_of_its_datasets_variants(monkeypatch):
         ]
     ]
     assert "hydra.sweep.dir=runs/mnist" in one_overrides
+    # seed=range(3) is three jobs of one variant: auto runs them 2 at a time on 2 cores
+    three = {**params, "study": {**params["study"], "seeds": "range(3)", "jobs": "auto"}}
+    cores = min(3, len(os.sched_getaffinity(0)))
+    assert f"hydra.launcher.n_jobs={cores}" in train_sweep(three, "mnist-wd")[0]
     for bad in (0, "two", True):
         params["study"]["jobs"] = bad
         with pytest.raises(FitscopeError, match=r"study.jobs=.* is not auto or a count"):
@@ -436,6 +440,17 @@ def test_a_dvc_train_stage_is_one_sweep_of_its_datasets_variants(monkeypatch):
     params["study"]["jobs"] = 1
     with pytest.raises(FitscopeError, match=r"no variants\.cifar and no variant 'cifar'"):
         train_sweep(params, "cifar")
+    params["variants"]["mnist"]["mnist-wd"]["overrides"] += " study_description=${data.name}"
+    with pytest.raises(FitscopeError, match=r"mnist-wd\.overrides holds a `\$\{\.\.\.\}`"):
+        train_sweep(params, "mnist")
+    params["variants"]["cifar"] = {}
+    with pytest.raises(FitscopeError, match=r"variants\.cifar is empty"):
+        train_sweep(params, "cifar")
+    params["variants"]["mnist"]["mnist-wd"]["overrides"] = "regularization=weight_decay"
+    params["variants"]["mnist"]["higgs"] = {"study": "s", "overrides": ""}
+    with pytest.raises(FitscopeError, match=r"variants\.mnist\.higgs is named like a dataset"):
+        train_sweep(params, "mnist")
+    del params["variants"]["mnist"]["higgs"]
     params["variants"]["mnist"]["higgs-tiny"] = params["variants"]["higgs"]["higgs-tiny"]
     with pytest.raises(FitscopeError, match=r"'higgs-tiny' is under both variants\.higgs and"):
         train_sweep(params, "mnist")

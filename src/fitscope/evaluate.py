@@ -21,7 +21,7 @@ SCORE_KEYS = ("test_loss", "test_acc", "test_auroc", "train_eval_loss")
 
 
 def seed_dirs(variant_dir: str | Path) -> list[Path]:
-    """The per-seed run directories of a variant (``runs/<variant>/<job>``)."""
+    """The per-seed run directories of a variant (``runs/<dataset>/<variant>/<seed>``)."""
     dirs = sorted(p.parent for p in Path(variant_dir).glob("*/metrics.json"))
     if not dirs:
         raise FitscopeError(f"no trained runs in {variant_dir}. Fix: run `dvc repro` first")

@@ -57,6 +57,11 @@ def variant_specs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 raise FitscopeError(
                     f"variants.{dataset}.{name} is not a mapping. Fix: give it study and overrides"
                 )
+            if name in groups:  # `fitscope train <name>` would mean the dataset
+                raise FitscopeError(
+                    f"variant variants.{dataset}.{name} is named like a dataset. "
+                    "Fix: give it another name"
+                )
             if name in specs:  # runs, metrics and MLflow runs are named by the variant alone
                 raise FitscopeError(
                     f"variant {name!r} is under both variants.{specs[name]['dataset']} and "
@@ -93,6 +98,13 @@ def _variant_job(params: dict[str, Any], name: str, spec: dict[str, Any]) -> lis
         raise FitscopeError(
             f"{where}.overrides cannot be split ({exc}). Fix: balance its quotes"
         ) from None
+    if any("${" in o for o in overrides):
+        # The job list is part of the sweep's config, where OmegaConf would resolve it
+        # against the sweep's values instead of each job's.
+        raise FitscopeError(
+            f"{where}.overrides holds a `${{...}}` interpolation, which a DVC stage cannot "
+            "pass on. Fix: write the value itself, or put the interpolation in a conf/ preset"
+        )
     job = [
         *overrides,
         f"study={_section(params, 'variants', spec['dataset'], name, 'study')}",
@@ -103,6 +115,14 @@ def _variant_job(params: dict[str, Any], name: str, spec: dict[str, Any]) -> lis
     except OverrideParseException as exc:
         raise FitscopeError(f"{where}.overrides: {usage_error(exc)}") from None
     return job
+
+
+def _count_values(override: str) -> int:
+    """How many values a sweep override takes (``seed=0,1`` or ``seed=range(3)``: 2 or 3)."""
+    from fitscope.sweeps import parse_overrides
+
+    (parsed,) = parse_overrides([override])
+    return len(list(parsed.sweep_string_iterator())) if parsed.is_sweep_override() else 1
 
 
 def train_sweep(params: dict[str, Any], name: str) -> tuple[list[str], list[list[str]]]:
@@ -126,11 +146,13 @@ def train_sweep(params: dict[str, Any], name: str) -> tuple[list[str], list[list
             f"Fix: one of {', '.join([*groups, *specs])}"
         )
     check_name("dataset", dataset)
+    if not chosen:  # a sweep without jobs would train the default config instead
+        raise FitscopeError(f"params.yaml's variants.{dataset} is empty. Fix: add a variant")
     jobs = [_variant_job(params, variant, specs[variant]) for variant in chosen]
     profile = _section(params, "study", "profile")
     seeds = str(_section(params, "study", "seeds"))
     at_once = jobs_at_once(
-        _section(params, "study").get("jobs", AUTO), len(jobs) * len(seeds.split(","))
+        _section(params, "study").get("jobs", AUTO), len(jobs) * _count_values(f"seed={seeds}")
     )
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={at_once}"] if at_once > 1 else []
     overrides = [

@@ -4,9 +4,10 @@
 workers their task's ``num_cpus`` that way), else the launcher's ``cpus_per_task``
 (submitit, whose local jobs run side by side unbounded), else every core this process
 may run on (its CPU affinity: a SLURM allocation, a container's cpuset), divided among
-the processes of the run (``ddp_spawn``). A DVC stage trains one job at a time, so its run
-gets the whole machine. Several runs started side by side by hand (``dvc queue start
--j 2``) should set ``OMP_NUM_THREADS`` or ``trainer.num_threads``: OpenMP threads on
+the processes of the run (``ddp_spawn``). A DVC train stage runs ``study.jobs`` at once
+through joblib, so each of its runs gets ``cores // jobs`` threads. Several stages started
+side by side by hand (``dvc queue start -j 2``) should set ``OMP_NUM_THREADS`` or
+``trainer.num_threads`` and ``study.jobs=1``: OpenMP threads on
 more cores than exist are much slower than one thread each (docs/benchmarks.md).
 The run records the number it used (tag ``fitscope.num_threads``, metrics.json).
 """

@@ -27,11 +27,21 @@ from fitscope.errors import FitscopeError
 from fitscope.lifecycle import Owner, block_signals_in_this_thread
 from fitscope.pending import PendingRecord, spool_dir
 
+# A sweep's parent run of each study its jobs train (JSON: study -> run id). A DVC train
+# stage's jobs span several studies, each its own MLflow experiment with its own parent.
 PARENT_ENV = "FITSCOPE_PARENT_RUN_ID"
-# A sweep started while its tracking server was unreachable hands its jobs the parent's
-# key, name and tags instead (JSON): a job finds or creates the parent itself, or keeps
-# them in its pending record for `fitscope runs sync`.
+# A sweep started while its tracking server was unreachable hands its jobs each parent's
+# key, name and tags instead (JSON: study -> spec): a job finds or creates its parent
+# itself, or keeps the spec in its pending record for `fitscope runs sync`.
 PARENT_SPEC_ENV = "FITSCOPE_PARENT_SPEC"
+
+
+def sweep_parents(env: str = PARENT_ENV) -> dict[str, Any]:
+    """What a sweep handed its jobs in ``env`` (``PARENT_ENV`` or ``PARENT_SPEC_ENV``), by study."""
+    value = os.environ.get(env)
+    return json.loads(value) if value else {}
+
+
 TAG = "fitscope."  # prefix of our own tags
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 CONFIG_HASH_TAG = f"{TAG}config_hash"

@@ -329,13 +329,11 @@ def _claim(cfg: DictConfig, dm, guard, opened: _Opened) -> float | None:
         "experiment_description": study_description(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    parent = os.environ.get(tracking.PARENT_ENV)
+    parent = tracking.sweep_parents().get(cfg.study)
     # The parent this run finds or creates itself: its sweep's, when the sweep started with
     # the server unreachable, or the one named by tracking.parent_key for a single run.
-    parent_spec = None
-    if os.environ.get(tracking.PARENT_SPEC_ENV):
-        parent_spec = json.loads(os.environ[tracking.PARENT_SPEC_ENV])
-    elif cfg.tracking.parent_key:
+    parent_spec = tracking.sweep_parents(tracking.PARENT_SPEC_ENV).get(cfg.study)
+    if parent_spec is None and cfg.tracking.parent_key:
         parent_spec = {
             "parent_key": tracking.commit_parent_key(cfg.tracking.parent_key, commit),
             "parent_name": parent_run_name(cfg.study, cfg.profile, commit),
@@ -703,7 +701,7 @@ def _finite(value: float | None, name: str) -> float:
 
 class MlflowSweepCallback(Callback):
     """Validates every run and sweep job first; groups a multirun's jobs under one MLflow
-    parent run (created before any job)."""
+    parent run per study (created before any job; a DVC train stage's jobs span several)."""
 
     @callback_errors_exit
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -713,7 +711,13 @@ class MlflowSweepCallback(Callback):
     @callback_errors_exit
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Every job is checked before anything exists: a bad job creates no parent run.
-        jobs = validate_jobs(config, validate)
+        studies: dict[str, DictConfig] = {}  # the first job of each study the sweep trains
+
+        def check(job: DictConfig) -> None:
+            validate(job)
+            studies.setdefault(job.study, job)
+
+        jobs = validate_jobs(config, check)
         prepare_driver(config.hydra.launcher)
         log.info("sweep of %d job(s) validated; outputs in %s", jobs, config.hydra.sweep.dir)
         (Path(config.hydra.sweep.dir) / FAILED_JOBS).unlink(missing_ok=True)
@@ -722,57 +726,70 @@ class MlflowSweepCallback(Callback):
         # (started after this hook) inherit the variable.
         total = config.hydra.sweeper.n_trials if is_search(config) else jobs
         os.environ[SWEEP_JOBS_ENV] = str(total)
-        if config.logger.name != "mlflow" or config.hydra.sweeper.get("jobs"):
-            # A job list (a DVC train stage) spans studies, each its own MLflow experiment:
-            # each job finds or creates its study's parent by tracking.parent_key (_claim).
+        if config.logger.name != "mlflow":
             return
         from fitscope import tracking
 
         overrides = list(config.hydra.overrides.task)
-        # The same sweep finds its parent again when restarted, even with another launcher,
+        # The same sweep finds its parents again when restarted, even with another launcher,
         # more trials or more parallel jobs: only what defines the jobs goes into the key.
         sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
-        identity = {
-            "study": config.study,
-            "overrides": sorted(o for o in overrides if not o.startswith(("hydra.", "hydra/"))),
-            "sweeper": {k: sweeper.get(k) for k in ("sampler", "params", "direction")},
-        }
-        # An explicit key (the DVC study sets one) groups the sweeps of one pipeline run
-        # under one parent: same key and same git commit.
         source = tracking.source_tags(_entry())
         commit = source["mlflow.source.git.commit"]
-        tags = {"fitscope.study": config.study, "fitscope.profile": config.profile, **source}
-        if config.tracking.parent_key:
-            # Several stages share this parent, each with its own overrides: those are on
-            # each child run, not here.
-            key = tracking.commit_parent_key(config.tracking.parent_key, commit)
-        else:
-            key = tracking.config_hash(identity)
-            tags["fitscope.overrides"] = " ".join(overrides)
-        name = parent_run_name(config.study, config.profile, commit)
+        # One parent per study (MLflow experiment); a DVC train stage's jobs span several.
+        specs: dict[str, dict[str, Any]] = {}
+        for study, job in studies.items():
+            tags = {"fitscope.study": study, "fitscope.profile": job.profile, **source}
+            if config.tracking.parent_key:
+                # An explicit key (DVC sets one) groups the sweeps of one pipeline run under
+                # one parent per study: same key and same git commit. Several stages share
+                # it, each with its own overrides: those are on each child run, not here.
+                key = tracking.commit_parent_key(config.tracking.parent_key, commit)
+            else:
+                identity = {
+                    "study": study,
+                    "overrides": sorted(
+                        o for o in overrides if not o.startswith(("hydra.", "hydra/"))
+                    ),
+                    "sweeper": {k: sweeper.get(k) for k in ("sampler", "params", "direction")},
+                }
+                key = tracking.config_hash(identity)
+                tags["fitscope.overrides"] = " ".join(overrides)
+            name = parent_run_name(study, job.profile, commit)
+            specs[study] = {"parent_key": key, "parent_name": name, "parent_tags": tags}
         uri = tracking.resolve_tracking_uri()
+        parents: dict[str, str] = {}
         try:
             client = tracking.get_client(uri)
-            exp_id = tracking.ensure_experiment(client, config.study, study_description(config))
-            parent = tracking.find_or_create_parent(client, exp_id, key, name, tags)
+            for study, spec in specs.items():
+                exp_id = tracking.ensure_experiment(
+                    client, study, study_description(studies[study])
+                )
+                parents[study] = tracking.find_or_create_parent(
+                    client,
+                    exp_id,
+                    spec["parent_key"],
+                    run_name=spec["parent_name"],
+                    tags=spec["parent_tags"],
+                )
         except Exception as exc:
             if not tracking.server_down(uri, exc):
                 raise
-            # The jobs train anyway; each finds or creates the parent once the server is
+            # The jobs train anyway; each finds or creates its parent once the server is
             # back, or keeps it in its pending record for `fitscope runs sync`.
-            spec = {"parent_key": key, "parent_name": name, "parent_tags": tags}
-            os.environ[tracking.PARENT_SPEC_ENV] = json.dumps(spec)
+            os.environ[tracking.PARENT_SPEC_ENV] = json.dumps(specs)
             log.warning(
                 "the tracking server %s is unreachable (%s): the jobs train anyway and keep "
-                "their records on disk; the sweep's parent run is made when they reach the "
+                "their records on disk; the sweep's parent runs are made when they reach the "
                 "server or by `fitscope runs sync`",
                 uri,
                 tracking.first_line(exc),
             )
             return
         # Jobs (also joblib/loky workers, started after this hook) inherit the variable.
-        os.environ[tracking.PARENT_ENV] = parent
-        log.info("MLflow parent run %s in experiment %r", parent, config.study)
+        os.environ[tracking.PARENT_ENV] = json.dumps(parents)
+        for study, parent in parents.items():
+            log.info("MLflow parent run %s in experiment %r", parent, study)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         # Runs in the job's own process (also a joblib worker): "<done>/<total> jobs done".
@@ -786,18 +803,23 @@ class MlflowSweepCallback(Callback):
 
         failed_file = Path(config.hydra.sweep.dir) / FAILED_JOBS
         failed = failed_file.read_text().splitlines() if failed_file.exists() else []
-        parent = os.environ.pop(tracking.PARENT_ENV, None)
-        offline = os.environ.pop(tracking.PARENT_SPEC_ENV, None)
+        parents = tracking.sweep_parents()
+        offline = tracking.sweep_parents(tracking.PARENT_SPEC_ENV)
+        os.environ.pop(tracking.PARENT_ENV, None)
+        os.environ.pop(tracking.PARENT_SPEC_ENV, None)
         signum = lifecycle.received()
         best, cut_off = None, False
-        if parent:
+        for parent in parents.values():
             try:
-                best = tracking.close_parent(
-                    tracking.get_client(),
-                    parent,
-                    config.objective,
-                    interrupted=signum is not None,
-                    tolerate_failures=is_search(config),
+                best = (
+                    tracking.close_parent(
+                        tracking.get_client(),
+                        parent,
+                        config.objective,
+                        interrupted=signum is not None,
+                        tolerate_failures=is_search(config),
+                    )
+                    or best
                 )
             except Exception as exc:
                 if not tracking.unreachable(exc):
@@ -834,10 +856,11 @@ class MlflowSweepCallback(Callback):
             )
         if is_search(config):
             # A search tolerates failed trials; it fails only when no trial finished.
-            if parent and best is None and not cut_off:
+            if parents and best is None and not cut_off:
                 raise SystemExit(
                     f"fitscope: error: every job of the sweep failed (MLflow parent run "
-                    f"{parent}; each FAILED run has the reason in its fitscope.failure tag). "
+                    f"{', '.join(parents.values())}; each FAILED run has the reason in its "
+                    "fitscope.failure tag). "
                     "Fix: see those reasons, e.g. narrow the learning-rate range"
                 )
         elif failed:
@@ -909,14 +932,15 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/ray' is validated against")
 
     def close_open_parent(outcome: str) -> None:
-        parent = os.environ.pop(tracking.PARENT_ENV, None)
-        if parent and parent != inherited:
-            tracking.close_parent(
-                tracking.get_client(),
-                parent,
-                interrupted=outcome == "interrupted",
-                failed=outcome == "failed",
-            )
+        parents = os.environ.pop(tracking.PARENT_ENV, None)
+        if parents and parents != inherited:
+            for parent in json.loads(parents).values():
+                tracking.close_parent(
+                    tracking.get_client(),
+                    parent,
+                    interrupted=outcome == "interrupted",
+                    failed=outcome == "failed",
+                )
 
     def run_hydra() -> None:
         # Hydra prints its own errors over several lines and exits 1; with this set it
