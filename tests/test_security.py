@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import last_error_line, run
+from conftest import REPO, last_error_line, run, run_train
 
 from fitscope.errors import FitscopeError
 from fitscope.stages import train_sweep
@@ -50,6 +51,36 @@ def test_a_crafted_model_file_runs_nothing_and_is_refused(tmp_path):
     assert "Fix: retrain it" in line
     assert not marker.exists()
     assert not (tmp_path / "metrics").exists()
+
+
+def test_no_source_file_unpickles_with_weights_only_false():
+    """Every ``torch.load`` in src/ passes ``weights_only=True``: tensors and plain
+    containers only, so no file handed to fitscope can run code when it is read."""
+    calls = []
+    for path in sorted((REPO / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                weights_only = [k for k in node.keywords if k.arg == "weights_only"]
+                safe = weights_only and ast.unparse(weights_only[0].value) == "True"
+                calls.append((f"{path.relative_to(REPO)}:{node.lineno}", bool(safe)))
+    assert calls, "no torch.load found: the check would pass vacuously"
+    assert [where for where, safe in calls if not safe] == []
+
+
+def test_a_file_planted_in_the_run_dir_is_never_unpickled(processed_dir, tmp_path, mlflow_uri):
+    """The DDP callbacks' state file (.ddp_callbacks.pt) is read back only by the DDP fit
+    that wrote it: one planted in a run directory (a DVC-tracked output a user may hand
+    over) is removed before the fit and never loaded."""
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    planted = run_dir / ".ddp_callbacks.pt"
+    torch.save({"history": _Payload(marker)}, planted)
+    args = ["trainer=debug", f"paths.data_dir={processed_dir}", f"paths.run_dir={run_dir}"]
+    proc = run_train([*args, "study=t_planted"], tmp_path, mlflow_uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not marker.exists()
+    assert not planted.exists() and (run_dir / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("variant", ["../../x", "/etc", "a/b", ".hidden"])

@@ -555,7 +555,7 @@ def _fit(
     if cfg.trainer.strategy == "ddp_spawn":
         # Spawned workers start fresh: torch reads its thread count from the environment.
         os.environ["OMP_NUM_THREADS"] = str(num_threads)
-        Path(returned.path).unlink(missing_ok=True)
+    returned.clear()  # only a file this fit writes is ever read back
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
@@ -570,7 +570,7 @@ def _fit(
         else:
             os.environ["OMP_NUM_THREADS"] = omp_before
     wall = time.perf_counter() - started
-    returned.restore()  # the workers' history and best epoch (ddp_spawn); no-op otherwise
+    returned.restore(spawned=cfg.trainer.strategy == "ddp_spawn")  # the workers' state
     if not history.rows:
         raise FitscopeError("training produced no epochs. Fix: check trainer.max_epochs")
 

@@ -7,6 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -469,11 +470,21 @@ class ReturnToMain(pl.Callback):
     Under ``ddp_spawn`` the callbacks train in copies inside the workers; Lightning returns
     only rank 0's final weights and ``callback_metrics``. Rank 0 saves the ``state_dict`` of
     each named callback (the same state a resume checkpoint keeps) when the fit ends, and
-    :meth:`restore` loads it into this process's objects. In one process it does nothing.
+    :meth:`restore` loads it into this process's objects.
+
+    The file lies in the run directory, which a user (or a DVC-tracked output) may hand
+    us, so it is trusted only when this very fit wrote it: :meth:`clear` removes any file
+    left there before the fit, :meth:`restore` reads nothing unless the fit was a
+    multi-process one, and it loads tensors and plain containers only (``weights_only``):
+    a pickled object planted there can never run code.
     """
 
     def __init__(self, path, callbacks: dict[str, pl.Callback]) -> None:
         self.path, self.callbacks = str(path), callbacks
+
+    def clear(self) -> None:
+        """Remove a file left by an earlier fit (called before every fit)."""
+        Path(self.path).unlink(missing_ok=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1 and trainer.is_global_zero:
@@ -481,12 +492,21 @@ class ReturnToMain(pl.Callback):
             with atomic_path(self.path) as tmp:
                 torch.save(states, tmp)
 
-    def restore(self) -> None:
-        """Load what rank 0 saved (after ``trainer.fit`` returned in this process)."""
+    def restore(self, spawned: bool) -> None:
+        """Load what rank 0 saved (after ``trainer.fit`` returned in this process).
+
+        ``spawned``: the fit ran in spawned DDP workers. In one process the callbacks here
+        are the ones that trained, and nothing is read.
+        """
+        if not spawned:
+            return
         try:
-            states = torch.load(self.path, weights_only=False)
+            states = torch.load(self.path, weights_only=True)
         except FileNotFoundError:
-            return  # one process: the callbacks here are the ones that trained
+            raise FitscopeError(
+                f"the DDP workers ended without returning their state ({self.path}). "
+                "Fix: see the run's log for the worker's error"
+            ) from None
         for name, cb in self.callbacks.items():
             cb.load_state_dict(states[name])
         os.unlink(self.path)
