@@ -68,9 +68,11 @@ stack: install
 stack-down:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fitscope stack down
 
+# ruff, and the layer rule of docs/architecture.md (import-linter contracts in pyproject.toml).
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf outputs multirun dvc_plots .pytest_cache .ruff_cache

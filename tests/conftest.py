@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fitscope import data
+from fitscope.data import official
+from fitscope.data.download import RetryPolicy
+from fitscope.data.higgs import fetch_higgs, split_higgs
+from fitscope.data.mnist import embedded_mnist, fetch_mnist, split_mnist, write_idx
+from fitscope.data.official import HIGGS_EMBEDDED, MNIST_FILES
+from fitscope.data.params import HiggsParams, MnistParams
+from fitscope.stack.control import start_stack, stop_stack
+from fitscope.stack.processes import free_ports
+from fitscope.tracking.tags import PARENT_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_HIGGS = REPO.parent / "shared" / "data" / "higgs" / "HIGGS.sample.csv.gz"
@@ -151,7 +159,7 @@ def higgs_sample_bytes() -> bytes:
     path = (
         SHARED_HIGGS
         if SHARED_HIGGS.exists()
-        else (REPO / "src" / "fitscope" / "resources" / data.HIGGS_EMBEDDED)
+        else (REPO / "src" / "fitscope" / "resources" / HIGGS_EMBEDDED)
     )
     return path.read_bytes()
 
@@ -159,21 +167,20 @@ def higgs_sample_bytes() -> bytes:
 @pytest.fixture(scope="session")
 def mnist_idx_dir(tmp_path_factory) -> Path:
     """Small official-layout IDX files (train 600 + t10k 200) built from real embedded digits."""
-    images, labels = data.embedded_mnist()
+    images, labels = embedded_mnist()
     perm = np.random.default_rng(0).permutation(len(labels))  # the file is sorted by label
     train, test = perm[:600], perm[600:800]
     out = tmp_path_factory.mktemp("mnist_idx")
-    data.write_idx(out / "train-images-idx3-ubyte.gz", images[train])
-    data.write_idx(out / "train-labels-idx1-ubyte.gz", labels[train])
-    data.write_idx(out / "t10k-images-idx3-ubyte.gz", images[test])
-    data.write_idx(out / "t10k-labels-idx1-ubyte.gz", labels[test])
+    write_idx(out / "train-images-idx3-ubyte.gz", images[train])
+    write_idx(out / "train-labels-idx1-ubyte.gz", labels[train])
+    write_idx(out / "t10k-images-idx3-ubyte.gz", images[test])
+    write_idx(out / "t10k-labels-idx1-ubyte.gz", labels[test])
     return out
 
 
 @pytest.fixture
 def fast_retry():
     """A retry policy that does not sleep long."""
-    from fitscope.download import RetryPolicy
 
     return RetryPolicy(attempts=3, backoff_s=0.01, timeout_s=5)
 
@@ -254,14 +261,13 @@ def job_metrics(sweep_root: Path) -> dict[int, dict]:
 def nested_finished_children(client, study: str, jobs: int) -> list:
     """The study's child runs, after checking: one FINISHED parent, ``jobs`` FINISHED children
     tagged with it."""
-    from fitscope import tracking
 
     parents, children = runs_of(client, study)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == jobs
     for child in children:
         assert child.info.status == "FINISHED"
-        assert child.data.tags[tracking.PARENT_TAG] == parents[0].info.run_id
+        assert child.data.tags[PARENT_TAG] == parents[0].info.run_id
     return children
 
 
@@ -304,11 +310,11 @@ def repo_copy(tmp_path) -> Path:
 def processed_dir(tmp_path_factory) -> Path:
     """HIGGS and MNIST splits from the embedded data, as the DVC split stages write them."""
     root = tmp_path_factory.mktemp("processed")
-    hp, mp = data.HiggsParams(), data.MnistParams()
-    data.fetch_higgs(hp, root / "raw_higgs")
-    data.split_higgs(hp, root / "raw_higgs", root / "higgs")
-    data.fetch_mnist(mp, root / "raw_mnist")
-    data.split_mnist(mp, root / "raw_mnist", root / "mnist")
+    hp, mp = HiggsParams(), MnistParams()
+    fetch_higgs(hp, root / "raw_higgs")
+    split_higgs(hp, root / "raw_higgs", root / "higgs")
+    fetch_mnist(mp, root / "raw_mnist")
+    split_mnist(mp, root / "raw_mnist", root / "mnist")
     return root
 
 
@@ -326,7 +332,7 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import fitscope.schema  # noqa: F401  (registers the schema that conf/train.yaml names)
+    import fitscope.pipeline.schema  # noqa: F401  (registers the schema that conf/train.yaml names)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
@@ -351,11 +357,11 @@ def serve_mnist(file_server, idx_dir: Path, prefix: str, monkeypatch) -> dict[st
     import hashlib
 
     md5s = {}
-    for name in data.MNIST_FILES:
+    for name in MNIST_FILES:
         body = (idx_dir / name).read_bytes()
         file_server.add(f"{prefix}{name}", body)
         md5s[name] = hashlib.md5(body).hexdigest()
-    monkeypatch.setattr(data, "MNIST_FILES", md5s)
+    monkeypatch.setattr(official, "MNIST_FILES", md5s)
     return md5s
 
 
@@ -401,19 +407,20 @@ def flip_silently(body: bytes, n_lines: int) -> bytes:
 @pytest.fixture(scope="session")
 def team_stack(tmp_path_factory):
     """The real team stack (fitscope.stack) on free loopback ports, stopped by PID at the end."""
-    from fitscope import stack
 
     state = tmp_path_factory.mktemp("stack")
-    info = stack.start_stack(state, stack.free_ports())
+    info = start_stack(state, free_ports())
     try:
         yield info
     finally:
-        stack.stop_stack(state)
+        stop_stack(state)
 
 
 # The files that use the `team_stack` session fixture: one worker runs them all, so the
 # stack (~30 s to start, ~1.8 GB) is started once per `make test`, not once per worker.
-TEAM_STACK_FILES = ("test_stack.py", "test_cluster.py")
+# make bench --smoke starts a stack of its own (the load figures): never at the same time
+# as test_stack's (two PostgreSQL servers setting up pgserver's system user at once fail).
+TEAM_STACK_FILES = ("test_stack.py", "test_cluster.py", "test_bench.py")
 
 
 def pytest_itemcollected(item) -> None:

@@ -11,7 +11,8 @@ import sys
 import pytest
 from conftest import job_metrics, last_error_line, nested_finished_children, sweep
 
-from fitscope import tracking
+from fitscope.tracking.liveness import run_owner
+from fitscope.tracking.store import get_client
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +26,9 @@ def test_submitit_local_sweep_logs_nested_runs(mlflow_uri, processed_dir, tmp_pa
     args = ["hydra/launcher=submitit_local", "study=t_submitit", "seed=0,1", data, *DEBUG]
     proc = sweep(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    children = nested_finished_children(tracking.get_client(mlflow_uri), "t_submitit", 2)
+    children = nested_finished_children(get_client(mlflow_uri), "t_submitit", 2)
     # Each job ran in a process of its own, not in the sweep's.
-    assert len({tracking.run_owner(c).pid for c in children}) == 2
+    assert len({run_owner(c).pid for c in children}) == 2
     assert sorted(job_metrics(tmp_path / "multirun" / "t_submitit")) == [0, 1]
 
 
@@ -64,4 +65,4 @@ def test_unreachable_ray_head_is_one_line_before_any_run(mlflow_uri, processed_d
     proc = sweep([*args, "study=t_noray", "seed=0,1", f"paths.data_dir={processed_dir}"], tmp_path)
     line = last_error_line(proc, 2)
     assert line.startswith(f"fitscope: error: no Ray head answers at 127.0.0.1:{port}. Fix:")
-    assert tracking.get_client(mlflow_uri).get_experiment_by_name("t_noray") is None
+    assert get_client(mlflow_uri).get_experiment_by_name("t_noray") is None

@@ -15,8 +15,22 @@ import numpy as np
 import pytest
 from conftest import flip_silently, higgs_gzip, last_error_line, run_train, serve_mnist
 
-from fitscope import data
-from fitscope.errors import FitscopeError
+from fitscope.core.errors import FitscopeError
+from fitscope.data import official
+from fitscope.data.higgs import fetch_higgs, split_higgs
+from fitscope.data.higgs_csv import read_higgs_csv
+from fitscope.data.mirror import fill_mirror, write_mirror_checksums
+from fitscope.data.mnist import fetch_mnist, read_idx, split_mnist, write_idx
+from fitscope.data.official import (
+    CHECKSUMS_FILE,
+    HIGGS_EMBEDDED_SHA256,
+    HIGGS_FILE,
+    MIRROR_ENV,
+    MNIST_FILES,
+)
+from fitscope.data.params import HiggsParams, MnistParams, higgs_params, mnist_params
+from fitscope.data.splits import load_split
+from fitscope.training.datamodule import ArrayDataModule, split_tensors
 
 
 @pytest.fixture
@@ -28,15 +42,15 @@ def higgs_rows(higgs_sample_bytes) -> list[list[float]]:
 
 
 def test_embedded_higgs_split_follows_the_protocol(tmp_path, higgs_rows):
-    params = data.HiggsParams()
-    info = data.fetch_higgs(params, tmp_path / "raw")
-    assert info["sha256"] == data.HIGGS_EMBEDDED_SHA256
-    manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+    params = HiggsParams()
+    info = fetch_higgs(params, tmp_path / "raw")
+    assert info["sha256"] == HIGGS_EMBEDDED_SHA256
+    manifest = split_higgs(params, tmp_path / "raw", tmp_path / "out")
     rows = {k: v["rows"] for k, v in manifest["splits"].items()}
     assert rows == {"val": 1000, "train": 8984, "test": 1000}
-    x_val, y_val = data.load_split(tmp_path / "out", "val")
-    x_tr, _ = data.load_split(tmp_path / "out", "train")
-    x_te, y_te = data.load_split(tmp_path / "out", "test")
+    x_val, y_val = load_split(tmp_path / "out", "val")
+    x_tr, _ = load_split(tmp_path / "out", "train")
+    x_te, y_te = load_split(tmp_path / "out", "test")
     assert isinstance(x_val, np.memmap) and x_val.dtype == np.float32 and x_val.shape == (1000, 28)
     # validation = first rows, training = next rows, test = last rows of the file
     np.testing.assert_allclose(x_val[0], higgs_rows[0][1:], rtol=1e-6)
@@ -44,7 +58,7 @@ def test_embedded_higgs_split_follows_the_protocol(tmp_path, higgs_rows):
     np.testing.assert_allclose(x_te[-1], higgs_rows[-1][1:], rtol=1e-6)
     assert y_te[-1] == higgs_rows[-1][0] and y_val[0] == higgs_rows[0][0]
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert on_disk["inputs_sha256"]["HIGGS.csv.gz"] == data.HIGGS_EMBEDDED_SHA256
+    assert on_disk["inputs_sha256"]["HIGGS.csv.gz"] == HIGGS_EMBEDDED_SHA256
     assert sum(on_disk["splits"]["train"]["class_counts"].values()) == 8984
 
 
@@ -52,13 +66,13 @@ def test_uci_source_streams_only_the_head(
     tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry
 ):
     url = file_server.add("/00280/HIGGS.csv.gz", higgs_sample_bytes)
-    monkeypatch.setattr(data, "HIGGS_URLS", (file_server.base_url + "/missing.gz", url))
-    params = data.HiggsParams(source="uci", val_rows=500, train_rows=2000, test_rows=300)
-    info = data.fetch_higgs(params, tmp_path / "raw", fast_retry)
+    monkeypatch.setattr(official, "HIGGS_URLS", (file_server.base_url + "/missing.gz", url))
+    params = HiggsParams(source="uci", val_rows=500, train_rows=2000, test_rows=300)
+    info = fetch_higgs(params, tmp_path / "raw", fast_retry)
     assert info["url"] == url
     raw = gzip.decompress((tmp_path / "raw" / "HIGGS.csv.gz").read_bytes()).splitlines()
     assert len(raw) == 2800
-    manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+    manifest = split_higgs(params, tmp_path / "raw", tmp_path / "out")
     assert manifest["splits"]["test"] == {
         **manifest["splits"]["test"],
         "rows": 300,
@@ -71,9 +85,9 @@ def test_full_size_verifies_the_official_checksum(
 ):
     # The fixture is not the 2.8 GB official file, so the official sha256 must reject it.
     file_server.add("/m/HIGGS.csv.gz", higgs_sample_bytes)
-    params = data.HiggsParams(source="mirror", size="full", mirror=file_server.base_url + "/m")
+    params = HiggsParams(source="mirror", size="full", mirror=file_server.base_url + "/m")
     with pytest.raises(FitscopeError, match="checksum mismatch"):
-        data.fetch_higgs(params, tmp_path / "raw", fast_retry)
+        fetch_higgs(params, tmp_path / "raw", fast_retry)
     assert not (tmp_path / "raw" / "HIGGS.csv.gz").exists()
 
 
@@ -82,58 +96,58 @@ def test_full_size_from_mirror_param(
 ):
     file_server.add("/m/HIGGS.csv.gz", higgs_sample_bytes)
     monkeypatch.setattr(
-        data, "HIGGS_SHA256", "sha256:" + hashlib.sha256(higgs_sample_bytes).hexdigest()
+        official, "HIGGS_SHA256", "sha256:" + hashlib.sha256(higgs_sample_bytes).hexdigest()
     )
-    params = data.HiggsParams(
+    params = HiggsParams(
         source="mirror",
         mirror=file_server.base_url + "/m",
         size="full",
         test_rows=1000,
         train_rows=8000,
     )
-    data.fetch_higgs(params, tmp_path / "raw", fast_retry)
-    manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+    fetch_higgs(params, tmp_path / "raw", fast_retry)
+    manifest = split_higgs(params, tmp_path / "raw", tmp_path / "out")
     assert manifest["splits"]["train"]["rows"] == 8000
     assert manifest["splits"]["test"]["first_row"] == 10984 - 1000
 
 
 def test_official_defaults_follow_the_classic_protocol():
-    study = data.HiggsParams(source="uci")
+    study = HiggsParams(source="uci")
     assert study.resolved_train_rows() == 10_000 and study.head_rows() == 12_000
-    full = data.HiggsParams(source="uci", size="full")
+    full = HiggsParams(source="uci", size="full")
     # The whole file: training is every row between validation and the last 500,000.
     assert full.resolved_train_rows() is None
     assert full.resolved_test_rows() == 500_000
-    assert data.HiggsParams().resolved_train_rows() is None  # embedded: all between
+    assert HiggsParams().resolved_train_rows() is None  # embedded: all between
 
 
 def test_mirror_without_location_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
     with pytest.raises(FitscopeError, match=r"Fix: set data\.higgs\.mirror in params\.yaml"):
-        data.fetch_higgs(data.HiggsParams(source="mirror"), tmp_path)
+        fetch_higgs(HiggsParams(source="mirror"), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_mirror_env_var_alone_is_refused_naming_the_parameter(tmp_path, monkeypatch):
     # DVC cannot see environment variables: a mirror given that way would not re-run the
     # fetch when it changes, so the parameter is the only way.
-    monkeypatch.setenv(data.MIRROR_ENV, "/srv/mirror")
+    monkeypatch.setenv(MIRROR_ENV, "/srv/mirror")
     with pytest.raises(FitscopeError) as err:
-        data.fetch_mnist(data.MnistParams(source="mirror"), tmp_path)
+        fetch_mnist(MnistParams(source="mirror"), tmp_path)
     assert str(err.value).endswith("Fix: set data.mnist.mirror: /srv/mirror in params.yaml")
     assert "<dataset>" not in str(err.value)
 
 
 def test_mirror_with_unknown_url_scheme_is_refused_at_parameter_time():
     with pytest.raises(FitscopeError, match=r"^unsupported URL scheme 'htp' in 'htp://host/m'"):
-        data.higgs_params({"higgs": {"source": "mirror", "mirror": "htp://host/m"}})
+        higgs_params({"higgs": {"source": "mirror", "mirror": "htp://host/m"}})
 
 
 def test_split_larger_than_source_is_refused(tmp_path):
-    params = data.HiggsParams(train_rows=10_000)  # 1,000 + 10,000 + 1,000 > 10,984
-    data.fetch_higgs(params, tmp_path / "raw")
+    params = HiggsParams(train_rows=10_000)  # 1,000 + 10,000 + 1,000 > 10,984
+    fetch_higgs(params, tmp_path / "raw")
     with pytest.raises(FitscopeError, match=r"but .* has 10984\. Fix: lower"):
-        data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+        split_higgs(params, tmp_path / "raw", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -150,32 +164,32 @@ def test_bad_csv_row_reports_file_and_line(tmp_path, higgs_sample_bytes, line, m
     path = tmp_path / "HIGGS.csv.gz"
     path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
     with pytest.raises(FitscopeError, match=message):
-        data.read_higgs_csv(path)
+        read_higgs_csv(path)
 
 
 def test_truncated_gzip_file_is_refused(tmp_path, higgs_sample_bytes):
     path = tmp_path / "HIGGS.csv.gz"
     path.write_bytes(higgs_sample_bytes[:100_000])
     with pytest.raises(FitscopeError, match="not a complete gzip file"):
-        data.read_higgs_csv(path)
+        read_higgs_csv(path)
 
 
 def test_label_outside_0_1_is_refused(tmp_path):
     path = tmp_path / "HIGGS.csv.gz"
     path.write_bytes(gzip.compress(("2.0," + ",".join(["0.5"] * 28) + "\n").encode()))
     with pytest.raises(FitscopeError, match=":1: label must be 0 or 1"):
-        data.read_higgs_csv(path)
+        read_higgs_csv(path)
 
 
 def test_embedded_mnist_split_is_balanced_and_disjoint(tmp_path):
-    params = data.MnistParams(val_size=50, test_size=200)
-    data.fetch_mnist(params, tmp_path / "raw")
-    manifest = data.split_mnist(params, tmp_path / "raw", tmp_path / "out")
+    params = MnistParams(val_size=50, test_size=200)
+    fetch_mnist(params, tmp_path / "raw")
+    manifest = split_mnist(params, tmp_path / "raw", tmp_path / "out")
     assert manifest["splits"]["val"]["class_counts"] == {str(d): 5 for d in range(10)}
     assert manifest["splits"]["test"]["class_counts"] == {str(d): 20 for d in range(10)}
-    x_tr, y_tr = data.load_split(tmp_path / "out", "train")
-    x_va, _ = data.load_split(tmp_path / "out", "val")
-    x_te, _ = data.load_split(tmp_path / "out", "test")
+    x_tr, y_tr = load_split(tmp_path / "out", "train")
+    x_va, _ = load_split(tmp_path / "out", "val")
+    x_te, _ = load_split(tmp_path / "out", "test")
     assert len(y_tr) == 5000 - 250
     # Every prefix of the training pool is stratified: the first 300 hold 30 of each digit.
     assert np.bincount(y_tr[:300], minlength=10).tolist() == [30] * 10
@@ -183,9 +197,9 @@ def test_embedded_mnist_split_is_balanced_and_disjoint(tmp_path):
     rows = {r.tobytes() for r in np.asarray(x_tr)}
     assert not any(r.tobytes() in rows for r in np.asarray(x_va))
     assert not any(r.tobytes() in rows for r in np.asarray(x_te))
-    again = data.split_mnist(params, tmp_path / "raw", tmp_path / "out2")
+    again = split_mnist(params, tmp_path / "raw", tmp_path / "out2")
     assert again["splits"] == manifest["splits"]
-    np.testing.assert_array_equal(data.load_split(tmp_path / "out2", "train")[1], y_tr)
+    np.testing.assert_array_equal(load_split(tmp_path / "out2", "train")[1], y_tr)
 
 
 def test_official_mnist_over_http_with_mirror_fallback(
@@ -193,12 +207,14 @@ def test_official_mnist_over_http_with_mirror_fallback(
 ):
     serve_mnist(file_server, mnist_idx_dir, "/good/", monkeypatch)
     monkeypatch.setattr(
-        data, "MNIST_MIRRORS", (file_server.base_url + "/dead/", file_server.base_url + "/good/")
+        official,
+        "MNIST_MIRRORS",
+        (file_server.base_url + "/dead/", file_server.base_url + "/good/"),
     )
-    params = data.MnistParams(source="official", val_size=60, test_size=None)
-    info = data.fetch_mnist(params, tmp_path / "raw", fast_retry)
+    params = MnistParams(source="official", val_size=60, test_size=None)
+    info = fetch_mnist(params, tmp_path / "raw", fast_retry)
     assert all("/good/" in url for url in info["urls"].values())
-    manifest = data.split_mnist(params, tmp_path / "raw", tmp_path / "out")
+    manifest = split_mnist(params, tmp_path / "raw", tmp_path / "out")
     assert {k: v["rows"] for k, v in manifest["splits"].items()} == {
         "train": 540,
         "val": 60,
@@ -207,42 +223,42 @@ def test_official_mnist_over_http_with_mirror_fallback(
 
 
 def test_official_mnist_md5_mismatch(tmp_path, file_server, mnist_idx_dir, monkeypatch, fast_retry):
-    for name in data.MNIST_FILES:
+    for name in MNIST_FILES:
         file_server.add(f"/m/{name}", (mnist_idx_dir / name).read_bytes())
-    monkeypatch.setattr(data, "MNIST_MIRRORS", (file_server.base_url + "/m/",))
+    monkeypatch.setattr(official, "MNIST_MIRRORS", (file_server.base_url + "/m/",))
     with pytest.raises(FitscopeError, match="checksum mismatch"):
-        data.fetch_mnist(data.MnistParams(source="official"), tmp_path / "raw", fast_retry)
+        fetch_mnist(MnistParams(source="official"), tmp_path / "raw", fast_retry)
 
 
 def test_idx_bad_magic_and_bad_size(tmp_path):
     bad_magic = tmp_path / "a.gz"
     bad_magic.write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + b"abc"))
     with pytest.raises(FitscopeError, match="bad IDX magic number 00000d01"):
-        data.read_idx(bad_magic, ndim=1)
+        read_idx(bad_magic, ndim=1)
     short = tmp_path / "b.gz"
     short.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"abc"))
     with pytest.raises(FitscopeError, match=r"declares dimensions \(5,\).*holds 3 bytes"):
-        data.read_idx(short, ndim=1)
+        read_idx(short, ndim=1)
 
 
 def test_idx_round_trip(tmp_path):
     arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
-    data.write_idx(tmp_path / "x.gz", arr)
-    np.testing.assert_array_equal(data.read_idx(tmp_path / "x.gz", ndim=3), arr)
+    write_idx(tmp_path / "x.gz", arr)
+    np.testing.assert_array_equal(read_idx(tmp_path / "x.gz", ndim=3), arr)
     # Reproducible bytes: the same array gives the same file (DVC hashes stay stable).
-    data.write_idx(tmp_path / "y.gz", arr)
+    write_idx(tmp_path / "y.gz", arr)
     assert (tmp_path / "x.gz").read_bytes() == (tmp_path / "y.gz").read_bytes()
 
 
 def test_images_and_labels_count_mismatch(tmp_path, mnist_idx_dir):
     raw = tmp_path / "raw"
     raw.mkdir()
-    imgs = data.read_idx(mnist_idx_dir / "train-images-idx3-ubyte.gz", ndim=3)
-    labels = data.read_idx(mnist_idx_dir / "train-labels-idx1-ubyte.gz", ndim=1)
-    data.write_idx(raw / "train-images-idx3-ubyte.gz", imgs)
-    data.write_idx(raw / "train-labels-idx1-ubyte.gz", labels[:-1])
+    imgs = read_idx(mnist_idx_dir / "train-images-idx3-ubyte.gz", ndim=3)
+    labels = read_idx(mnist_idx_dir / "train-labels-idx1-ubyte.gz", ndim=1)
+    write_idx(raw / "train-images-idx3-ubyte.gz", imgs)
+    write_idx(raw / "train-labels-idx1-ubyte.gz", labels[:-1])
     with pytest.raises(FitscopeError, match=r"600 images .* vs 599 labels"):
-        data.split_mnist(data.MnistParams(), raw, tmp_path / "out")
+        split_mnist(MnistParams(), raw, tmp_path / "out")
 
 
 @pytest.mark.parametrize(
@@ -256,8 +272,8 @@ def test_images_and_labels_count_mismatch(tmp_path, mnist_idx_dir):
 )
 def test_bad_params_are_refused(bad, message):
     with pytest.raises(FitscopeError, match=message):
-        data.higgs_params(bad)
-        data.mnist_params(bad)
+        higgs_params(bad)
+        mnist_params(bad)
 
 
 def test_cli_prints_one_line_error_and_exits_nonzero(tmp_path):
@@ -280,19 +296,19 @@ def test_fill_mirror_then_use_it_as_a_directory_source(
     tmp_path, file_server, mnist_idx_dir, monkeypatch, fast_retry
 ):
     md5s = serve_mnist(file_server, mnist_idx_dir, "/mnist/", monkeypatch)
-    monkeypatch.setattr(data, "MNIST_MIRRORS", (file_server.base_url + "/mnist/",))
-    written = data.fill_mirror(tmp_path / "mirror", ("mnist",), fast_retry)
-    assert sorted(p.name for p in written) == sorted([*md5s, data.CHECKSUMS_FILE])
-    sums = json.loads((tmp_path / "mirror" / data.CHECKSUMS_FILE).read_text())["files"]
+    monkeypatch.setattr(official, "MNIST_MIRRORS", (file_server.base_url + "/mnist/",))
+    written = fill_mirror(tmp_path / "mirror", ("mnist",), fast_retry)
+    assert sorted(p.name for p in written) == sorted([*md5s, CHECKSUMS_FILE])
+    sums = json.loads((tmp_path / "mirror" / CHECKSUMS_FILE).read_text())["files"]
     assert sorted(sums) == sorted(md5s)
     for name, entry in sums.items():
         body = (tmp_path / "mirror" / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
-    params = data.MnistParams(source="mirror", mirror=str(tmp_path / "mirror"), test_size=None)
+    params = MnistParams(source="mirror", mirror=str(tmp_path / "mirror"), test_size=None)
     file_server.requests.clear()
-    data.fetch_mnist(params, tmp_path / "raw", fast_retry)
+    fetch_mnist(params, tmp_path / "raw", fast_retry)
     assert file_server.requests == []  # a directory mirror needs no network
-    manifest = data.split_mnist(params, tmp_path / "raw", tmp_path / "out")
+    manifest = split_mnist(params, tmp_path / "raw", tmp_path / "out")
     assert manifest["splits"]["test"]["rows"] == 200
 
 
@@ -304,9 +320,9 @@ def head_text(body: bytes, n: int) -> bytes:
     return b"".join(line + b"\n" for line in gzip.decompress(body).split(b"\n")[:n])
 
 
-def uci_params(monkeypatch, *urls: str, **overrides) -> data.HiggsParams:
-    monkeypatch.setattr(data, "HIGGS_URLS", urls)
-    return data.HiggsParams(source="uci", **{**SMALL, **overrides})
+def uci_params(monkeypatch, *urls: str, **overrides) -> HiggsParams:
+    monkeypatch.setattr(official, "HIGGS_URLS", urls)
+    return HiggsParams(source="uci", **{**SMALL, **overrides})
 
 
 def assert_nothing_written(out: Path) -> None:
@@ -318,17 +334,17 @@ def test_streamed_head_records_its_sha256_and_a_pin_is_enforced(
 ):
     url = file_server.add("/HIGGS.csv.gz", higgs_sample_bytes)
     want = hashlib.sha256(head_text(higgs_sample_bytes, 2800)).hexdigest()
-    info = data.fetch_higgs(uci_params(monkeypatch, url), tmp_path / "a", fast_retry)
+    info = fetch_higgs(uci_params(monkeypatch, url), tmp_path / "a", fast_retry)
     assert (info["rows"], info["head_sha256"], info["verified_by"]) == (2800, want, [])
     on_disk = json.loads((tmp_path / "a" / "source.json").read_text())
     assert on_disk["head_sha256"] == want  # so dvc.lock (the outs hash) changes with the data
     pinned = uci_params(monkeypatch, url, head_sha256=want)
-    assert data.fetch_higgs(pinned, tmp_path / "b", fast_retry)["verified_by"] == [
+    assert fetch_higgs(pinned, tmp_path / "b", fast_retry)["verified_by"] == [
         "data.higgs.head_sha256"
     ]
     other = uci_params(monkeypatch, url, head_sha256="0" * 64)
     with pytest.raises(FitscopeError) as err:
-        data.fetch_higgs(other, tmp_path / "c", fast_retry)
+        fetch_higgs(other, tmp_path / "c", fast_retry)
     msg = str(err.value)
     assert "upstream changed or corrupted" in msg and "\n" not in msg
     assert f"pin the new value: data.higgs.head_sha256: {want}" in msg
@@ -344,15 +360,13 @@ def test_silent_flip_is_refused_by_the_pin_and_the_next_url_is_used(
     good_url = file_server.add("/b/HIGGS.csv.gz", good)
     pin = hashlib.sha256(head_text(good, 2800)).hexdigest()
     # Unpinned, the flip passes every row check: only its recorded sha256 differs.
-    info = data.fetch_higgs(uci_params(monkeypatch, bad_url), tmp_path / "a", fast_retry)
+    info = fetch_higgs(uci_params(monkeypatch, bad_url), tmp_path / "a", fast_retry)
     assert info["head_sha256"] != pin
     with pytest.raises(FitscopeError, match="upstream changed or corrupted"):
-        data.fetch_higgs(
-            uci_params(monkeypatch, bad_url, head_sha256=pin), tmp_path / "b", fast_retry
-        )
+        fetch_higgs(uci_params(monkeypatch, bad_url, head_sha256=pin), tmp_path / "b", fast_retry)
     assert_nothing_written(tmp_path / "b")
     params = uci_params(monkeypatch, bad_url, good_url, head_sha256=pin)
-    info = data.fetch_higgs(params, tmp_path / "c", fast_retry)
+    info = fetch_higgs(params, tmp_path / "c", fast_retry)
     assert info["url"] == good_url and info["head_sha256"] == pin
 
 
@@ -361,19 +375,19 @@ def higgs_mirror(tmp_path, higgs_sample_bytes) -> Path:
     """A directory mirror holding a 6,000-row HIGGS.csv.gz and its checksums.json."""
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    (mirror / data.HIGGS_FILE).write_bytes(higgs_gzip(higgs_sample_bytes, 6000))
-    data.write_mirror_checksums(mirror)
+    (mirror / HIGGS_FILE).write_bytes(higgs_gzip(higgs_sample_bytes, 6000))
+    write_mirror_checksums(mirror)
     return mirror
 
 
 def test_mirror_checksums_refuse_a_flipped_head(tmp_path, file_server, higgs_mirror, fast_retry):
-    good = (higgs_mirror / data.HIGGS_FILE).read_bytes()
-    checksums = (higgs_mirror / data.CHECKSUMS_FILE).read_bytes()
+    good = (higgs_mirror / HIGGS_FILE).read_bytes()
+    checksums = (higgs_mirror / CHECKSUMS_FILE).read_bytes()
     file_server.add("/bad/HIGGS.csv.gz", flip_silently(good, 2800))
     file_server.add("/bad/checksums.json", checksums)
-    params = data.HiggsParams(source="mirror", mirror=file_server.base_url + "/bad", **SMALL)
+    params = HiggsParams(source="mirror", mirror=file_server.base_url + "/bad", **SMALL)
     with pytest.raises(FitscopeError) as err:
-        data.fetch_higgs(params, tmp_path / "out", fast_retry)
+        fetch_higgs(params, tmp_path / "out", fast_retry)
     assert "do not match the mirror's checksums" in str(err.value)
     assert str(err.value).endswith(
         "Fix: check data.higgs.mirror (`fitscope mirror` makes one, with its checksums)"
@@ -381,28 +395,26 @@ def test_mirror_checksums_refuse_a_flipped_head(tmp_path, file_server, higgs_mir
     assert_nothing_written(tmp_path / "out")
     file_server.add("/good/HIGGS.csv.gz", good)
     file_server.add("/good/checksums.json", checksums)
-    params = data.HiggsParams(source="mirror", mirror=file_server.base_url + "/good", **SMALL)
-    info = data.fetch_higgs(params, tmp_path / "out", fast_retry)
+    params = HiggsParams(source="mirror", mirror=file_server.base_url + "/good", **SMALL)
+    info = fetch_higgs(params, tmp_path / "out", fast_retry)
     assert info["verified_by"] == ["mirror checksums.json"]
-    assert gzip.decompress((tmp_path / "out" / data.HIGGS_FILE).read_bytes()) == head_text(
-        good, 2800
-    )
+    assert gzip.decompress((tmp_path / "out" / HIGGS_FILE).read_bytes()) == head_text(good, 2800)
 
 
 def test_mirror_without_checksums_is_refused_unless_pinned(tmp_path, higgs_mirror, fast_retry):
-    (higgs_mirror / data.CHECKSUMS_FILE).unlink()
-    params = data.HiggsParams(source="mirror", mirror=str(higgs_mirror), **SMALL)
+    (higgs_mirror / CHECKSUMS_FILE).unlink()
+    params = HiggsParams(source="mirror", mirror=str(higgs_mirror), **SMALL)
     with pytest.raises(FitscopeError) as err:
-        data.fetch_higgs(params, tmp_path / "out", fast_retry)
+        fetch_higgs(params, tmp_path / "out", fast_retry)
     msg = str(err.value)
-    want = hashlib.sha256(head_text((higgs_mirror / data.HIGGS_FILE).read_bytes(), 2800))
+    want = hashlib.sha256(head_text((higgs_mirror / HIGGS_FILE).read_bytes(), 2800))
     assert "no usable checksums.json" in msg and "cannot be verified" in msg
     assert f"pin data.higgs.head_sha256: {want.hexdigest()}" in msg
     assert_nothing_written(tmp_path / "out")
-    pinned = data.HiggsParams(
+    pinned = HiggsParams(
         source="mirror", mirror=str(higgs_mirror), head_sha256=want.hexdigest(), **SMALL
     )
-    assert data.fetch_higgs(pinned, tmp_path / "out", fast_retry)["verified_by"] == [
+    assert fetch_higgs(pinned, tmp_path / "out", fast_retry)["verified_by"] == [
         "data.higgs.head_sha256"
     ]
 
@@ -427,23 +439,23 @@ def test_rows_are_validated_inside_the_fetch(
     bad_url = file_server.add("/a/HIGGS.csv.gz", gzip.compress(b"\n".join(lines) + b"\n"))
     good_url = file_server.add("/b/HIGGS.csv.gz", higgs_sample_bytes)
     with pytest.raises(FitscopeError) as err:
-        data.fetch_higgs(uci_params(monkeypatch, bad_url), tmp_path / "out", fast_retry)
+        fetch_higgs(uci_params(monkeypatch, bad_url), tmp_path / "out", fast_retry)
     assert f"{bad_url}: {problem}" in str(err.value) and "\n" not in str(err.value)
     # Nothing is written, so DVC has nothing to record or cache.
     assert_nothing_written(tmp_path / "out")
-    info = data.fetch_higgs(uci_params(monkeypatch, bad_url, good_url), tmp_path / "out")
+    info = fetch_higgs(uci_params(monkeypatch, bad_url, good_url), tmp_path / "out")
     assert info["url"] == good_url
 
 
 @pytest.mark.parametrize("value", ["abc", "A" * 64, 123])
 def test_bad_head_sha256_is_refused(value):
     with pytest.raises(FitscopeError, match=r"data\.higgs\.head_sha256=.* is not a sha256"):
-        data.higgs_params({"higgs": {"source": "uci", "head_sha256": value}})
+        higgs_params({"higgs": {"source": "uci", "head_sha256": value}})
 
 
 def test_head_sha256_without_a_streamed_head_is_refused():
     with pytest.raises(FitscopeError, match=r"Fix: set data\.higgs\.head_sha256 to null"):
-        data.higgs_params({"higgs": {"source": "embedded", "head_sha256": "0" * 64}})
+        higgs_params({"higgs": {"source": "embedded", "head_sha256": "0" * 64}})
 
 
 @pytest.mark.parametrize(
@@ -452,8 +464,8 @@ def test_head_sha256_without_a_streamed_head_is_refused():
 def test_split_without_its_raw_file_says_not_found(tmp_path, dataset, file):
     raw = tmp_path / "raw"
     raw.mkdir()
-    split = data.split_higgs if dataset == "higgs" else data.split_mnist
-    params = data.HiggsParams() if dataset == "higgs" else data.MnistParams()
+    split = split_higgs if dataset == "higgs" else split_mnist
+    params = HiggsParams() if dataset == "higgs" else MnistParams()
     with pytest.raises(FitscopeError) as err:
         split(params, raw, tmp_path / "out")
     assert str(err.value) == f"{raw / file} not found. Fix: run `dvc repro fetch_{dataset}`"
@@ -468,30 +480,26 @@ def test_non_finite_value_in_a_raw_file_is_refused(tmp_path, higgs_sample_bytes)
     lines[4] = b"1.0,-inf," + b",".join([b"0.5"] * 27)
     (tmp_path / "HIGGS.csv.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
     with pytest.raises(FitscopeError, match=r"HIGGS\.csv\.gz:5: column 2 is not a finite number"):
-        data.read_higgs_csv(tmp_path / "HIGGS.csv.gz")
+        read_higgs_csv(tmp_path / "HIGGS.csv.gz")
 
 
 def test_fill_mirror_publishes_block_checksums_the_mirror_source_verifies(
     tmp_path, file_server, higgs_sample_bytes, monkeypatch, fast_retry
 ):
     url = file_server.add("/HIGGS.csv.gz", higgs_sample_bytes)
-    monkeypatch.setattr(data, "HIGGS_URLS", (url,))
+    monkeypatch.setattr(official, "HIGGS_URLS", (url,))
     monkeypatch.setattr(
-        data, "HIGGS_SHA256", "sha256:" + hashlib.sha256(higgs_sample_bytes).hexdigest()
+        official, "HIGGS_SHA256", "sha256:" + hashlib.sha256(higgs_sample_bytes).hexdigest()
     )
-    data.fill_mirror(tmp_path / "mirror", ("higgs",), fast_retry)
-    entry = json.loads((tmp_path / "mirror" / data.CHECKSUMS_FILE).read_text())["files"][
-        data.HIGGS_FILE
-    ]
+    fill_mirror(tmp_path / "mirror", ("higgs",), fast_retry)
+    entry = json.loads((tmp_path / "mirror" / CHECKSUMS_FILE).read_text())["files"][HIGGS_FILE]
     assert entry["lines"] == 10_984 and entry["block_lines"] == 1000
     assert len(entry["block_sha256"]) == 11
     assert entry["sha256"] == hashlib.sha256(higgs_sample_bytes).hexdigest()
-    params = data.HiggsParams(source="mirror", mirror=str(tmp_path / "mirror"), **SMALL)
-    info = data.fetch_higgs(params, tmp_path / "raw", fast_retry)
+    params = HiggsParams(source="mirror", mirror=str(tmp_path / "mirror"), **SMALL)
+    info = fetch_higgs(params, tmp_path / "raw", fast_retry)
     assert info["verified_by"] == ["mirror checksums.json"]
-    assert (
-        data.split_higgs(params, tmp_path / "raw", tmp_path / "out")["splits"]["val"]["rows"] == 500
-    )
+    assert split_higgs(params, tmp_path / "raw", tmp_path / "out")["splits"]["val"]["rows"] == 500
 
 
 def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None):
@@ -505,8 +513,8 @@ def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None):
 
 
 def test_cli_mirror_fills_the_directory_the_fetch_reads(tmp_path, higgs_mirror, monkeypatch):
-    (higgs_mirror / data.CHECKSUMS_FILE).unlink()
-    monkeypatch.delenv(data.MIRROR_ENV, raising=False)
+    (higgs_mirror / CHECKSUMS_FILE).unlink()
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
     (tmp_path / "params.yaml").write_text(
         "data:\n  higgs:\n    source: mirror\n    mirror: mirror\n    val_rows: 500\n"
         "    train_rows: 2000\n    test_rows: 300\n"
@@ -514,14 +522,14 @@ def test_cli_mirror_fills_the_directory_the_fetch_reads(tmp_path, higgs_mirror, 
     # `fitscope mirror` (no --dir) writes where data.higgs.mirror points.
     proc = cli(["mirror", "--checksums-only", "--datasets", "higgs"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (higgs_mirror / data.CHECKSUMS_FILE).is_file()
+    assert (higgs_mirror / CHECKSUMS_FILE).is_file()
     assert "-S data.higgs.mirror=mirror" in proc.stdout
     proc = cli(["fetch", "higgs"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    want = hashlib.sha256(head_text((higgs_mirror / data.HIGGS_FILE).read_bytes(), 2800))
+    want = hashlib.sha256(head_text((higgs_mirror / HIGGS_FILE).read_bytes(), 2800))
     assert f"the first 2800 rows have sha256 {want.hexdigest()} (pin it" in proc.stdout
     # The environment variable is no longer read: refused with the keys to set instead.
-    proc = cli(["mirror", "--checksums-only"], tmp_path, env={data.MIRROR_ENV: "/srv/m"})
+    proc = cli(["mirror", "--checksums-only"], tmp_path, env={MIRROR_ENV: "/srv/m"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "fitscope: error: FITSCOPE_MIRROR is set, but fitscope reads mirror locations only "
@@ -650,7 +658,7 @@ def test_tampered_split_array_is_a_one_line_error_naming_the_file(split_copy, ca
     d = split_copy(dataset)
     tamper(d)
     with pytest.raises(FitscopeError) as err:
-        data.load_split(d, split)
+        load_split(d, split)
     msg = str(err.value)
     assert f"{d}/{message}" in msg and "\n" not in msg
     assert msg.endswith(f"Fix: rebuild the split with `dvc repro -f -s split_{dataset}`")
@@ -678,17 +686,14 @@ def test_old_or_missing_manifest_is_refused(split_copy):
     del manifest["splits"]["val"]["arrays"]  # as written before arrays were recorded
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FitscopeError, match=r"has no verifiable val split .* split_mnist`$"):
-        data.load_split(d, "val")
+        load_split(d, "val")
     (d / "manifest.json").unlink()
     with pytest.raises(FitscopeError, match=r"no data split in .* \(no manifest\.json\)"):
-        data.load_split(d, "train")
+        load_split(d, "train")
 
 
 def test_datamodule_and_evaluate_loader_verify_too(split_copy):
     import torch
-
-    from fitscope.datamodules import ArrayDataModule
-    from fitscope.scoring import split_tensors
 
     d = split_copy("higgs")
     TAMPERED["NaN"][2](d)
@@ -701,13 +706,13 @@ def test_datamodule_and_evaluate_loader_verify_too(split_copy):
 
 
 def test_binary_task_on_a_multiclass_split_is_refused(processed_dir):
-    from fitscope.datamodules import ArrayDataModule
 
     dm = ArrayDataModule(processed_dir / "mnist", task="binary", batch_size=100)
     with pytest.raises(FitscopeError, match=r"data\.task=binary needs labels 0/1, but .* mnist"):
         dm.setup()
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_train_on_a_tampered_split_exits_2_before_any_mlflow_run(split_copy, tmp_path, mlflow_uri):
     d = split_copy("higgs")
     TAMPERED["NaN"][2](d)

@@ -17,9 +17,13 @@ from conftest import higgs_gzip
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fitscope import data
-from fitscope.download import RetryPolicy
-from fitscope.errors import FitscopeError
+from fitscope.core.errors import FitscopeError
+from fitscope.data.download import RetryPolicy
+from fitscope.data.higgs import fetch_higgs, split_higgs
+from fitscope.data.mirror import write_mirror_checksums
+from fitscope.data.official import CHECKSUMS_FILE, HIGGS_FILE
+from fitscope.data.params import HiggsParams
+from fitscope.data.splits import load_split
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -49,7 +53,7 @@ def files_in(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
 
 
-SPLIT = data.HiggsParams(val_rows=50, train_rows=150, test_rows=50)  # of a 300-row file
+SPLIT = HiggsParams(val_rows=50, train_rows=150, test_rows=50)  # of a 300-row file
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +62,9 @@ def small_higgs(higgs_sample_bytes, tmp_path_factory):
     root = tmp_path_factory.mktemp("small_higgs")
     body = higgs_gzip(higgs_sample_bytes, 300)
     (root / "raw").mkdir()
-    (root / "raw" / data.HIGGS_FILE).write_bytes(body)
-    data.split_higgs(SPLIT, root / "raw", root / "split")
-    return root / "raw" / data.HIGGS_FILE, root / "split"
+    (root / "raw" / HIGGS_FILE).write_bytes(body)
+    split_higgs(SPLIT, root / "raw", root / "split")
+    return root / "raw" / HIGGS_FILE, root / "split"
 
 
 @SETTINGS
@@ -72,17 +76,15 @@ def test_mutated_raw_higgs_splits_correctly_or_is_refused(small_higgs, mutation)
     with tempfile.TemporaryDirectory() as tmp:
         raw, out = Path(tmp) / "raw", Path(tmp) / "out"
         raw.mkdir()
-        (raw / data.HIGGS_FILE).write_bytes(mutate(body, mutation))
+        (raw / HIGGS_FILE).write_bytes(mutate(body, mutation))
         try:
-            data.split_higgs(SPLIT, raw, out)
+            split_higgs(SPLIT, raw, out)
         except FitscopeError as err:
             assert_one_line(err)
             assert files_in(out) == []  # nothing half-written
             return
         for split in ("train", "val", "test"):
-            for got, want in zip(
-                data.load_split(out, split), data.load_split(reference, split), strict=True
-            ):
+            for got, want in zip(load_split(out, split), load_split(reference, split), strict=True):
                 np.testing.assert_array_equal(got, want)
 
 
@@ -91,8 +93,8 @@ def mirror_file(higgs_sample_bytes, tmp_path_factory):
     """A 2,500-row real HIGGS gzip and the checksums.json a mirror publishes for it."""
     root = tmp_path_factory.mktemp("mirror")
     body = higgs_gzip(higgs_sample_bytes, 2500)
-    (root / data.HIGGS_FILE).write_bytes(body)
-    data.write_mirror_checksums(root)
+    (root / HIGGS_FILE).write_bytes(body)
+    write_mirror_checksums(root)
     return root
 
 
@@ -104,22 +106,22 @@ HEAD = {"val_rows": 200, "train_rows": 800, "test_rows": 200}  # 1,200 rows: 2 b
 @example(mutation=("flip", [(2_000_000_000 % 600_000, 0x01)]))
 @example(mutation=("truncate", 5))
 def test_mutated_mirror_head_is_exact_or_refused(mirror_file, mutation):
-    body = (mirror_file / data.HIGGS_FILE).read_bytes()
-    checksums = (mirror_file / data.CHECKSUMS_FILE).read_bytes()
+    body = (mirror_file / HIGGS_FILE).read_bytes()
+    checksums = (mirror_file / CHECKSUMS_FILE).read_bytes()
     want = b"".join(line + b"\n" for line in gzip.decompress(body).split(b"\n")[:1200])
     with tempfile.TemporaryDirectory() as tmp:
         mirror, out = Path(tmp) / "mirror", Path(tmp) / "out"
         mirror.mkdir()
-        (mirror / data.HIGGS_FILE).write_bytes(mutate(body, mutation))
-        (mirror / data.CHECKSUMS_FILE).write_bytes(checksums)
-        params = data.HiggsParams(source="mirror", mirror=str(mirror), **HEAD)
+        (mirror / HIGGS_FILE).write_bytes(mutate(body, mutation))
+        (mirror / CHECKSUMS_FILE).write_bytes(checksums)
+        params = HiggsParams(source="mirror", mirror=str(mirror), **HEAD)
         try:
-            data.fetch_higgs(params, out, RetryPolicy(attempts=1))
+            fetch_higgs(params, out, RetryPolicy(attempts=1))
         except FitscopeError as err:
             assert_one_line(err)
             assert files_in(out) == []
             return
-        assert gzip.decompress((out / data.HIGGS_FILE).read_bytes()) == want
+        assert gzip.decompress((out / HIGGS_FILE).read_bytes()) == want
 
 
 @SETTINGS
@@ -141,12 +143,12 @@ def test_mutated_split_array_is_refused_unless_unchanged(small_higgs, name, muta
         (d / name).write_bytes(mutated)
         before = {p: p.read_bytes() for p in files_in(d)}
         try:
-            loaded = data.load_split(d, split)
+            loaded = load_split(d, split)
         except FitscopeError as err:
             assert_one_line(err)
             assert name in str(err)
         else:  # only a mutation that cancels itself out (the same flip twice) may load
             assert mutated == original
-            for got, want in zip(loaded, data.load_split(reference, split), strict=True):
+            for got, want in zip(loaded, load_split(reference, split), strict=True):
                 np.testing.assert_array_equal(got, want)
         assert {p: p.read_bytes() for p in files_in(d)} == before  # loading writes nothing

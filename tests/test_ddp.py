@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import compose, run_train, runs_of
 
-from fitscope import tracking
-from fitscope.train import train
+from fitscope.pipeline.job import train
+from fitscope.tracking.store import get_client
 
 EPOCHS = 4
 # Equivalence is checked in fp32: bf16-mixed rounds each product to 8 mantissa bits, and
@@ -46,7 +46,7 @@ def test_two_process_sweep_matches_one_process_and_logs_once(processed_dir, tmp_
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
-    client = tracking.get_client()
+    client = get_client()
     parents, children = runs_of(client, "t_ddp")
     assert len(parents) == 1 and len(children) == 2
     assert all(c.info.status == "FINISHED" for c in children)

@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 from conftest import flip_silently, higgs_gzip
 
-from fitscope.download import (
+from fitscope.core.errors import FitscopeError
+from fitscope.data.download import RetryPolicy, download_file
+from fitscope.data.gzip_stream import (
     Head,
-    RetryPolicy,
     check_archive_members,
-    download_file,
     extract_zip_member,
     fetch_gzip_head,
     gzip_line_blocks,
     lines_text,
 )
-from fitscope.errors import FitscopeError
 
 
 def sha(body: bytes) -> str:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import run, venv_env
 
-from fitscope.tracking import get_client
+from fitscope.tracking.store import get_client
 
 
 def queue_workers(repo) -> list[psutil.Process]:

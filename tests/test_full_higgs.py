@@ -15,10 +15,15 @@ import numpy as np
 import pytest
 from conftest import compose, last_error_line, run_train
 
-from fitscope import data
-from fitscope.datamodules import ArrayDataModule, ChunkBatches
-from fitscope.errors import FitscopeError
-from fitscope.synthetic import write_synthetic_higgs
+from fitscope.core.errors import FitscopeError
+from fitscope.data import official
+from fitscope.data.higgs import fetch_higgs, split_higgs
+from fitscope.data.official import CHECKSUMS_FILE, HIGGS_FILE
+from fitscope.data.params import HiggsParams
+from fitscope.data.splits import load_split
+from fitscope.data.synthetic import write_synthetic_higgs
+from fitscope.pipeline.identity import run_config
+from fitscope.training.datamodule import ArrayDataModule, ChunkBatches
 
 ROWS = 20_000
 SIZES = {"val_rows": 1000, "test_rows": 2000}  # training: the 17,000 rows in between
@@ -41,20 +46,18 @@ def fitscope_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_synthetic_file_has_the_real_layout(synthetic_mirror, higgs_sample_bytes, tmp_path):
     number = re.compile(rb"-?\d\.\d{18}e[+-]\d{2}")  # %.18e, as the official file
-    lines = gzip.decompress((synthetic_mirror / data.HIGGS_FILE).read_bytes()).split(b"\n")
+    lines = gzip.decompress((synthetic_mirror / HIGGS_FILE).read_bytes()).split(b"\n")
     real = gzip.decompress(higgs_sample_bytes).split(b"\n", 1)[0].split(b",")
     assert lines[-1] == b"" and len(lines) == ROWS + 1
     for line in (lines[0], lines[ROWS // 2], lines[-2]):
         cells = line.split(b",")
         assert len(cells) == len(real) == 29 and all(number.fullmatch(c) for c in cells), line
         assert cells[0] in (b"0.000000000000000000e+00", b"1.000000000000000000e+00")
-    entry = json.loads((synthetic_mirror / data.CHECKSUMS_FILE).read_text())["files"]
-    assert entry[data.HIGGS_FILE]["lines"] == ROWS
+    entry = json.loads((synthetic_mirror / CHECKSUMS_FILE).read_text())["files"]
+    assert entry[HIGGS_FILE]["lines"] == ROWS
     # Seeded: the same call writes the same bytes.
     write_synthetic_higgs(tmp_path / "again.csv.gz", ROWS, seed=1)
-    assert (tmp_path / "again.csv.gz").read_bytes() == (
-        synthetic_mirror / data.HIGGS_FILE
-    ).read_bytes()
+    assert (tmp_path / "again.csv.gz").read_bytes() == (synthetic_mirror / HIGGS_FILE).read_bytes()
     proc = fitscope_cli(["synth-higgs", str(tmp_path), "--rows", "0"], tmp_path)
     assert last_error_line(proc, 2) == (
         "fitscope: error: --rows 0 must be at least 1. Fix: e.g. --rows 20000"
@@ -66,16 +69,16 @@ def full_split(synthetic_mirror, tmp_path_factory):
     """The split of the synthetic file as `split_higgs` writes it with size=full."""
     root = tmp_path_factory.mktemp("full_split")
     (root / "raw").mkdir()
-    (root / "raw" / data.HIGGS_FILE).write_bytes((synthetic_mirror / data.HIGGS_FILE).read_bytes())
-    params = data.HiggsParams(source="mirror", size="full", mirror="unused", **SIZES)
-    data.split_higgs(params, root / "raw", root / "higgs")
+    (root / "raw" / HIGGS_FILE).write_bytes((synthetic_mirror / HIGGS_FILE).read_bytes())
+    params = HiggsParams(source="mirror", size="full", mirror="unused", **SIZES)
+    split_higgs(params, root / "raw", root / "higgs")
     return root / "higgs"
 
 
 def serve(file_server, mirror, body: bytes | None = None) -> str:
-    raw = (mirror / data.HIGGS_FILE).read_bytes()
+    raw = (mirror / HIGGS_FILE).read_bytes()
     file_server.add("/m/HIGGS.csv.gz", raw if body is None else body)
-    file_server.add("/m/checksums.json", (mirror / data.CHECKSUMS_FILE).read_bytes())
+    file_server.add("/m/checksums.json", (mirror / CHECKSUMS_FILE).read_bytes())
     return file_server.base_url + "/m"
 
 
@@ -83,19 +86,17 @@ def test_full_size_fetch_and_split_stream_into_verified_memmaps(
     tmp_path, file_server, synthetic_mirror, fast_retry, monkeypatch
 ):
     # Small blocks: the 20,000 rows arrive in ~150 blocks, as 11M rows do in ~500.
-    monkeypatch.setattr(data, "HIGGS_BLOCK_BYTES", 100_000)
-    params = data.HiggsParams(
+    monkeypatch.setattr(official, "HIGGS_BLOCK_BYTES", 100_000)
+    params = HiggsParams(
         source="mirror", size="full", mirror=serve(file_server, synthetic_mirror), **SIZES
     )
-    info = data.fetch_higgs(params, tmp_path / "raw", fast_retry)
-    raw = tmp_path / "raw" / data.HIGGS_FILE
+    info = fetch_higgs(params, tmp_path / "raw", fast_retry)
+    raw = tmp_path / "raw" / HIGGS_FILE
     assert info["verified_by"] == ["mirror checksums.json"]
     seen: list[int] = []
-    manifest = data.split_higgs(params, tmp_path / "raw", tmp_path / "out", on_bytes=seen.append)
+    manifest = split_higgs(params, tmp_path / "raw", tmp_path / "out", on_bytes=seen.append)
     assert sum(seen) == raw.stat().st_size  # the progress call site saw every byte once
-    assert (
-        manifest["inputs_sha256"][data.HIGGS_FILE] == hashlib.sha256(raw.read_bytes()).hexdigest()
-    )
+    assert manifest["inputs_sha256"][HIGGS_FILE] == hashlib.sha256(raw.read_bytes()).hexdigest()
     splits = manifest["splits"]
     assert {k: (v["rows"], v["first_row"]) for k, v in splits.items()} == {
         "val": (1000, 0),
@@ -106,7 +107,7 @@ def test_full_size_fetch_and_split_stream_into_verified_memmaps(
     with gzip.open(raw) as text:
         table = np.loadtxt(text, delimiter=",", dtype=np.float64).astype(np.float32)
     for name, (a, b) in {"val": (0, 1000), "train": (1000, 18_000), "test": (18_000, ROWS)}.items():
-        x, y = data.load_split(tmp_path / "out", name)
+        x, y = load_split(tmp_path / "out", name)
         assert isinstance(x, np.memmap) and x.dtype == np.float32 and x.flags.c_contiguous
         np.testing.assert_array_equal(x, table[a:b, 1:])
         np.testing.assert_array_equal(y, table[a:b, 0].astype(np.int64))
@@ -118,7 +119,7 @@ def test_full_size_fetch_and_split_stream_into_verified_memmaps(
 def test_full_size_with_a_wrong_sha256_is_refused_and_nothing_is_written(
     tmp_path, file_server, synthetic_mirror, fast_retry
 ):
-    params = data.HiggsParams(
+    params = HiggsParams(
         source="mirror",
         size="full",
         mirror=serve(file_server, synthetic_mirror),
@@ -126,14 +127,14 @@ def test_full_size_with_a_wrong_sha256_is_refused_and_nothing_is_written(
         **SIZES,
     )
     with pytest.raises(FitscopeError) as err:
-        data.fetch_higgs(params, tmp_path / "raw", fast_retry)
+        fetch_higgs(params, tmp_path / "raw", fast_retry)
     message = str(err.value)
     assert "checksum mismatch (expected sha256:000" in message and "\n" not in message
     assert not list((tmp_path / "raw").glob("*"))
 
 
 def corrupt_raw(tmp_path, synthetic_mirror, how: str) -> None:
-    body = (synthetic_mirror / data.HIGGS_FILE).read_bytes()
+    body = (synthetic_mirror / HIGGS_FILE).read_bytes()
     if how == "truncated":
         body = body[: len(body) * 3 // 4]
     else:  # one non-numeric cell deep inside the file (row 15,000)
@@ -143,7 +144,7 @@ def corrupt_raw(tmp_path, synthetic_mirror, how: str) -> None:
         lines[14_999] = b",".join(cells)
         body = gzip.compress(b"\n".join(lines), compresslevel=1)
     (tmp_path / "raw").mkdir()
-    (tmp_path / "raw" / data.HIGGS_FILE).write_bytes(body)
+    (tmp_path / "raw" / HIGGS_FILE).write_bytes(body)
 
 
 @pytest.mark.parametrize(
@@ -156,11 +157,11 @@ def corrupt_raw(tmp_path, synthetic_mirror, how: str) -> None:
 def test_corrupt_full_file_is_refused_with_one_line_and_leaves_nothing(
     tmp_path, synthetic_mirror, monkeypatch, how, problem
 ):
-    monkeypatch.setattr(data, "HIGGS_BLOCK_BYTES", 100_000)  # fails after blocks were written
+    monkeypatch.setattr(official, "HIGGS_BLOCK_BYTES", 100_000)  # fails after blocks were written
     corrupt_raw(tmp_path, synthetic_mirror, how)
-    params = data.HiggsParams(source="mirror", size="full", mirror="unused", **SIZES)
+    params = HiggsParams(source="mirror", size="full", mirror="unused", **SIZES)
     with pytest.raises(FitscopeError, match=problem) as err:
-        data.split_higgs(params, tmp_path / "raw", tmp_path / "out")
+        split_higgs(params, tmp_path / "raw", tmp_path / "out")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()  # no partial .npy, no temporary file
 
@@ -232,6 +233,7 @@ def test_debug_training_run_on_the_full_higgs_preset(full_split, tmp_path, mlflo
     assert "chunk_rows: 1500" in config
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_chunk_rows_below_the_batch_size_is_a_one_line_error(full_split, tmp_path, mlflow_uri):
     proc = run_train(
         [f"paths.data_dir={full_split.parent}", "data=higgs_full", "data.chunk_rows=10"],
@@ -242,11 +244,10 @@ def test_chunk_rows_below_the_batch_size_is_a_one_line_error(full_split, tmp_pat
 
 
 def test_chunk_rows_enters_the_config_hash_only_when_set():
-    from fitscope.train import _run_config
 
-    default = _run_config(compose("paths.run_dir=unused"))
+    default = run_config(compose("paths.run_dir=unused"))
     assert "chunk_rows" not in default["data"]  # hashes of existing runs are unchanged
-    full = _run_config(compose("paths.run_dir=unused", "data=higgs_full", "model=full"))
+    full = run_config(compose("paths.run_dir=unused", "data=higgs_full", "model=full"))
     assert full["data"]["chunk_rows"] == 100_000 and full["data"]["batch_size"] == 1000
     assert full["model"] == {
         "name": "full",

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fitscope.errors import FitscopeError
-from fitscope.models import FastDropout, build_mlp, count_parameters, kernel_weights, l2_penalty
+from fitscope.core.errors import FitscopeError
+from fitscope.model.mlp import FastDropout, build_mlp, count_parameters, kernel_weights, l2_penalty
 
 
 def test_capacity_ladder_parameter_counts():

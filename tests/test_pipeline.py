@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import run
 
+from fitscope.tracking.store import get_client
+
 pytestmark = pytest.mark.slow
 
 
@@ -95,7 +97,6 @@ def test_full_pipeline_runs_every_stage(study_repo):
 
 
 def test_report_numbers_match_metrics_files_and_mlflow(study_repo):
-    from fitscope.tracking import get_client
 
     repo, _ = study_repo
     report = (repo / "reports" / "study.md").read_text()
@@ -124,8 +125,6 @@ def test_profile_alias_loads_and_predicts_and_no_debug_champion(study_repo):
     import numpy as np
     from mlflow.exceptions import MlflowException
 
-    from fitscope.tracking import get_client
-
     repo, _ = study_repo
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -149,7 +148,6 @@ def test_profile_alias_loads_and_predicts_and_no_debug_champion(study_repo):
 
 def test_dvc_runs_are_named_tagged_and_annotated(study_repo):
     """What the DVC pipeline leaves in MLflow besides the numbers (issue: the mlflow ui review)."""
-    from fitscope.tracking import get_client
 
     repo, _ = study_repo
     client = get_client(f"sqlite:///{repo / 'mlflow.db'}")
@@ -184,8 +182,6 @@ def test_each_study_of_a_train_stage_has_one_parent_closed_with_its_children(stu
     import collections
 
     import yaml
-
-    from fitscope.tracking import get_client
 
     repo, _ = study_repo
     variants = yaml.safe_load((repo / "params.yaml").read_text())["variants"]
@@ -261,8 +257,6 @@ def test_mlflow_ui_review_in_a_real_browser(study_repo):
     import urllib.request
 
     from conftest import REPO
-
-    from fitscope.tracking import get_client
 
     chromium = shutil.which("chromium")
     assert chromium, "no chromium browser. Fix: `apt-get install -y chromium` (make install does)"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fitscope.errors import FitscopeError
-from fitscope.precision import resolve_precision
-from fitscope.schema import TrainerConfig
-from fitscope.threads import resolve_num_threads
+from fitscope.core.errors import FitscopeError
+from fitscope.pipeline.schema import TrainerConfig
+from fitscope.training.precision import resolve_precision
+from fitscope.training.threads import resolve_num_threads
 
 
 def cpu_flags() -> set[str]:

@@ -12,9 +12,11 @@ import time
 import pytest
 from conftest import compose
 
-from fitscope import progress, tracking
-from fitscope.download import download_file
-from fitscope.train import _run_config, train
+from fitscope.core.progress import ENABLED_ENV, EVERY_ENV, REFRESH_S, LineProgress
+from fitscope.data.download import download_file
+from fitscope.pipeline.identity import run_config
+from fitscope.pipeline.job import train
+from fitscope.tracking.tags import config_hash
 
 # One run's line: epochs done / max, current and best val loss, patience, rate, time left.
 TRAIN_LINE = re.compile(
@@ -53,7 +55,7 @@ def test_training_logs_plain_lines_on_a_pipe_and_none_when_off(processed_dir, tm
     assert "epochs" not in capfd.readouterr().err
     # Neither key changes what is trained, so neither changes the config hash.
     on = _cfg(processed_dir, tmp_path, "trainer.max_epochs=4", "progress_every_s=5")
-    assert tracking.config_hash(_run_config(cfg)) == tracking.config_hash(_run_config(on))
+    assert config_hash(run_config(cfg)) == config_hash(run_config(on))
 
 
 def test_training_draws_one_live_line_on_a_terminal(processed_dir, tmp_path, monkeypatch):
@@ -74,7 +76,7 @@ def test_training_draws_one_live_line_on_a_terminal(processed_dir, tmp_path, mon
     states = [TRAIN_LINE.match(d) for d in draws]
     assert all(states), draws
     # At most one redraw a second (plus the final one), whatever progress_every_s says.
-    assert len(draws) <= elapsed / progress.REFRESH_S + 2
+    assert len(draws) <= elapsed / REFRESH_S + 2
     assert (
         int(states[-1]["done"])
         == json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_run"]
@@ -84,7 +86,7 @@ def test_training_draws_one_live_line_on_a_terminal(processed_dir, tmp_path, mon
 def test_a_live_line_is_redrawn_at_most_once_a_second():
     master, slave = os.openpty()
     with os.fdopen(slave, "w") as tty:
-        line = progress.LineProgress("step", every_s=0.0, stream=tty)
+        line = LineProgress("step", every_s=0.0, stream=tty)
         assert line.live
         end = time.monotonic() + 2.5
         while time.monotonic() < end:
@@ -98,7 +100,7 @@ def test_download_shows_bytes_rate_and_time_left(
     file_server, tmp_path, higgs_sample_bytes, fast_retry, monkeypatch, capfd
 ):
     url = file_server.add("/HIGGS.csv.gz", higgs_sample_bytes)
-    monkeypatch.setenv(progress.EVERY_ENV, "0")
+    monkeypatch.setenv(EVERY_ENV, "0")
     download_file([url], tmp_path / "a.gz")
     lines = capfd.readouterr().err.splitlines()
     pattern = re.compile(
@@ -107,7 +109,7 @@ def test_download_shows_bytes_rate_and_time_left(
     )
     percents = [int(m[1]) for m in map(pattern.match, lines) if m]
     assert len(percents) >= 2 and percents == sorted(percents) and percents[-1] == 100
-    monkeypatch.setenv(progress.ENABLED_ENV, "0")
+    monkeypatch.setenv(ENABLED_ENV, "0")
     download_file([url], tmp_path / "b.gz")
     assert "download" not in capfd.readouterr().err
 

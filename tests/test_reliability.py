@@ -20,8 +20,22 @@ import pytest
 from conftest import last_error_line, run_train, runs_of
 from mlflow.entities import ViewType
 
-from fitscope import cli, lifecycle, tracking
-from fitscope.errors import FitscopeError
+from fitscope.cli import main
+from fitscope.core.errors import FitscopeError
+from fitscope.core.process import Owner
+from fitscope.pipeline.lifecycle import ENTRY_ENV, JobGuard, received
+from fitscope.tracking import liveness
+from fitscope.tracking.claims import claim_run
+from fitscope.tracking.experiments import ensure_experiment
+from fitscope.tracking.liveness import Heartbeats, owner_tags, run_owner
+from fitscope.tracking.store import (
+    HEARTBEAT_ENV,
+    STALE_AFTER_ENV,
+    STALE_AFTER_S,
+    env_seconds,
+    get_client,
+)
+from fitscope.tracking.tags import CONFIG_HASH_TAG, HEARTBEAT_TAG, PARENT_ENV
 
 # Long enough to be interrupted mid-training (a few seconds of epochs after the first one is
 # logged), short enough that the re-run of the same command completes quickly.
@@ -45,7 +59,7 @@ class Train:
 
     def __init__(self, args: list[str], cwd: Path, uri: str, name: str) -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-        env.pop(tracking.PARENT_ENV, None)
+        env.pop(PARENT_ENV, None)
         self.out, self.err = cwd / f"{name}.out", cwd / f"{name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(
@@ -100,7 +114,7 @@ def finished_per_config(children) -> dict[str, int]:
     counts: dict[str, int] = {}
     for run in children:
         if run.info.status == "FINISHED":
-            chash = run.data.tags[tracking.CONFIG_HASH_TAG]
+            chash = run.data.tags[CONFIG_HASH_TAG]
             counts[chash] = counts.get(chash, 0) + 1
     return counts
 
@@ -108,7 +122,7 @@ def finished_per_config(children) -> dict[str, int]:
 @pytest.mark.slow
 def test_single_run_interrupted_killed_and_rerun_trains_once(processed_dir, tmp_path, mlflow_uri):
     args = [f"paths.data_dir={processed_dir}", "study=t_signals", *TRAINING]
-    client = tracking.get_client()
+    client = get_client()
     for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         run = Train(args, tmp_path, mlflow_uri, signal.Signals(signum).name)
         (running,) = wait_until_training(client, "t_signals", run, 1)
@@ -143,7 +157,7 @@ def test_single_run_interrupted_killed_and_rerun_trains_once(processed_dir, tmp_
     assert reconciled.data.tags["fitscope.reconciled"]
     _, children = runs_of(client, "t_signals")
     assert by_status(children) == {"KILLED": 3, "FINISHED": 1}
-    assert len({c.data.tags[tracking.CONFIG_HASH_TAG] for c in children}) == 1
+    assert len({c.data.tags[CONFIG_HASH_TAG] for c in children}) == 1
 
 
 @pytest.mark.slow
@@ -151,7 +165,7 @@ def test_joblib_sweep_interrupted_killed_orphans_stop_and_rerun_trains_once(
     processed_dir, tmp_path, mlflow_uri
 ):
     args = [*SWEEP, f"paths.data_dir={processed_dir}", "study=t_sweep_signals", *TRAINING]
-    client = tracking.get_client()
+    client = get_client()
     seen: set[str] = set()
 
     def new_runs():
@@ -240,37 +254,37 @@ def test_a_sweep_that_raises_after_its_parent_exists_closes_it(processed_dir, tm
         mlflow_uri,
     )
     assert proc.returncode != 0
-    parents, children = runs_of(tracking.get_client(), "t_badjob")
+    parents, children = runs_of(get_client(), "t_badjob")
     assert [p.info.status for p in parents] == ["FAILED"]
     assert parents[0].data.tags["fitscope.failure"] == "the sweep failed (see its output)"
     assert children == []
 
 
-def _dead_owner() -> lifecycle.Owner:
+def _dead_owner() -> Owner:
     """A real process, killed with SIGKILL and reaped."""
     proc = subprocess.Popen(["sleep", "60"])
-    owner = lifecycle.Owner(socket.gethostname(), proc.pid, psutil.Process(proc.pid).create_time())
+    owner = Owner(socket.gethostname(), proc.pid, psutil.Process(proc.pid).create_time())
     proc.kill()
     proc.wait()
     return owner
 
 
-def _open_run(client, exp_id: str, name: str, owner: lifecycle.Owner, **tags: str) -> str:
-    run_tags = {tracking.CONFIG_HASH_TAG: name, **tracking.owner_tags(owner), **tags}
+def _open_run(client, exp_id: str, name: str, owner: Owner, **tags: str) -> str:
+    run_tags = {CONFIG_HASH_TAG: name, **owner_tags(owner), **tags}
     return client.create_run(exp_id, run_name=name, tags=run_tags).info.run_id
 
 
 @pytest.mark.slow
 def test_runs_reconcile_kills_only_runs_whose_owner_is_gone(tmp_path, mlflow_uri, capsys):
-    client = tracking.get_client()
-    exp_id = tracking.ensure_experiment(client, "t_reconcile")
-    me = lifecycle.Owner.current()
+    client = get_client()
+    exp_id = ensure_experiment(client, "t_reconcile")
+    me = Owner.current()
     dead = _open_run(client, exp_id, "dead", _dead_owner())
-    reused = _open_run(client, exp_id, "reused", lifecycle.Owner(me.host, me.pid, me.started - 5))
+    reused = _open_run(client, exp_id, "reused", Owner(me.host, me.pid, me.started - 5))
     live = _open_run(client, exp_id, "live", me)
-    far = lifecycle.Owner("elsewhere.invalid", 4242, 1.0)
+    far = Owner("elsewhere.invalid", 4242, 1.0)
     silent = _open_run(client, exp_id, "silent", far)
-    client.set_tag(silent, tracking.HEARTBEAT_TAG, f"{time.time() - 900:.3f}")
+    client.set_tag(silent, HEARTBEAT_TAG, f"{time.time() - 900:.3f}")
     beating = _open_run(client, exp_id, "beating", far)
     foreign = client.create_run(exp_id, run_name="not-fitscope").info.run_id
 
@@ -310,7 +324,7 @@ def test_runs_reconcile_kills_only_runs_whose_owner_is_gone(tmp_path, mlflow_uri
         assert client.get_run(run_id).info.status == "RUNNING"
 
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["runs", "reconcile", "--experiment", "nope"])
+        main(["runs", "reconcile", "--experiment", "nope"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         f"fitscope: error: no MLflow experiment named 'nope' in {mlflow_uri}. Fix: check the "
@@ -319,12 +333,10 @@ def test_runs_reconcile_kills_only_runs_whose_owner_is_gone(tmp_path, mlflow_uri
 
 
 def _claim(uri: str, barrier, results) -> None:
-    client = tracking.get_client(uri)
-    exp_id = tracking.ensure_experiment(client, "t_claim")
+    client = get_client(uri)
+    exp_id = ensure_experiment(client, "t_claim")
     barrier.wait()  # both claim at the same instant
-    claim = tracking.claim_run(
-        client, exp_id, "c0ffee", "race", {"x": 1}, {}, settle_s=1.0, exact=False
-    )
+    claim = claim_run(client, exp_id, "c0ffee", "race", {"x": 1}, {}, settle_s=1.0, exact=False)
     if claim.tracker is not None:
         claim.tracker.finish()
         results.put(("won", claim.tracker.run_id))
@@ -337,7 +349,7 @@ def test_two_processes_claiming_one_config_at_once_train_it_once(tmp_path):
     # The shared-store protocol (no file lock: settle, list, earliest claim wins). The
     # SQLite lock path is raced by the two identical sweeps above.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.get_client(uri)  # the store exists before the race
+    get_client(uri)  # the store exists before the race
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
     procs = [ctx.Process(target=_claim, args=(uri, barrier, results)) for _ in range(2)]
@@ -348,7 +360,7 @@ def test_two_processes_claiming_one_config_at_once_train_it_once(tmp_path):
         proc.join(30)
     (lost, loser_saw), (won, winner) = outcomes
     assert (lost, won) == ("lost", "won") and loser_saw == winner
-    client = tracking.get_client(uri)
+    client = get_client(uri)
     exp_id = client.get_experiment_by_name("t_claim").experiment_id
     assert [r.info.run_id for r in client.search_runs([exp_id])] == [winner]
     # Had the loser created its claim before it saw the winner's, it withdrew it.
@@ -362,9 +374,9 @@ def test_a_claim_that_sees_an_earlier_rival_after_settling_withdraws(tmp_path, m
     # job on another host whose clock is 2 s behind, say (settle time > clock skew).
     import threading
 
-    client = tracking.get_client()
-    exp_id = tracking.ensure_experiment(client, "t_withdraw")
-    far = lifecycle.Owner("elsewhere.invalid", 4242, 1.0)
+    client = get_client()
+    exp_id = ensure_experiment(client, "t_withdraw")
+    far = Owner("elsewhere.invalid", 4242, 1.0)
     rival: list[str] = []
 
     def rival_claims_once_ours_exists() -> None:
@@ -372,7 +384,7 @@ def test_a_claim_that_sees_an_earlier_rival_after_settling_withdraws(tmp_path, m
         while time.monotonic() < deadline:
             ours = client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
             if ours:
-                tags = {tracking.CONFIG_HASH_TAG: "feed", **tracking.owner_tags(far)}
+                tags = {CONFIG_HASH_TAG: "feed", **owner_tags(far)}
                 start = ours[0].info.start_time - 2000
                 rival.append(client.create_run(exp_id, start, tags, "rival").info.run_id)
                 return
@@ -380,10 +392,10 @@ def test_a_claim_that_sees_an_earlier_rival_after_settling_withdraws(tmp_path, m
 
     thread = threading.Thread(target=rival_claims_once_ours_exists)
     thread.start()
-    claim = tracking.claim_run(client, exp_id, "feed", "ours", {}, {}, settle_s=2.0, exact=False)
+    claim = claim_run(client, exp_id, "feed", "ours", {}, {}, settle_s=2.0, exact=False)
     thread.join()
     assert claim.tracker is None and claim.holder.info.run_id == rival[0]
-    assert tracking.run_owner(claim.holder) == far
+    assert run_owner(claim.holder) == far
     (withdrawn,) = client.search_runs([exp_id], run_view_type=ViewType.DELETED_ONLY)
     assert withdrawn.info.status == "KILLED"
     assert withdrawn.data.tags["fitscope.claim_lost_to"] == rival[0]
@@ -391,7 +403,7 @@ def test_a_claim_that_sees_an_earlier_rival_after_settling_withdraws(tmp_path, m
 
 
 def test_an_interrupt_in_a_plain_process_does_not_stop_its_next_job(monkeypatch):
-    monkeypatch.delenv(lifecycle.ENTRY_ENV, raising=False)
+    monkeypatch.delenv(ENTRY_ENV, raising=False)
     # A plain process: Python's own Ctrl-C handler. (An earlier in-process test in this
     # worker may have left SIG_IGN: Lightning ignores SIGINT after an interrupted fit.)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -402,46 +414,46 @@ def test_an_interrupt_in_a_plain_process_does_not_stop_its_next_job(monkeypatch)
 
 
 def _interrupt_then_next_job() -> None:
-    with pytest.raises(KeyboardInterrupt), lifecycle.JobGuard():
+    with pytest.raises(KeyboardInterrupt), JobGuard():
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in a notebook, say
         time.sleep(5)  # interrupted long before this ends
-    assert lifecycle.received() == signal.SIGINT
-    with lifecycle.JobGuard():  # the next train() call runs
-        assert lifecycle.received() is None
+    assert received() == signal.SIGINT
+    with JobGuard():  # the next train() call runs
+        assert received() is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_owner_is_identified_by_pid_and_start_time():
-    me = lifecycle.Owner.current()
+    me = Owner.current()
     assert me.alive() is True
-    assert lifecycle.Owner.parse(me.token()) == me
-    assert lifecycle.Owner(me.host, me.pid, me.started - 3).alive() is False  # pid reused
+    assert Owner.parse(me.token()) == me
+    assert Owner(me.host, me.pid, me.started - 3).alive() is False  # pid reused
     assert _dead_owner().alive() is False
-    assert lifecycle.Owner("elsewhere.invalid", me.pid, me.started).alive() is None
-    assert lifecycle.Owner.parse("garbage") is None
+    assert Owner("elsewhere.invalid", me.pid, me.started).alive() is None
+    assert Owner.parse("garbage") is None
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon", "inf"])
 def test_bad_timing_variables_are_refused_with_a_fix(value, monkeypatch):
-    monkeypatch.setenv(tracking.STALE_AFTER_ENV, value)
+    monkeypatch.setenv(STALE_AFTER_ENV, value)
     with pytest.raises(FitscopeError, match=r"FITSCOPE_STALE_AFTER_S=.* is not a positive .* Fix"):
-        tracking.env_seconds(tracking.STALE_AFTER_ENV, tracking.STALE_AFTER_S)
+        env_seconds(STALE_AFTER_ENV, STALE_AFTER_S)
 
 
 def test_heartbeat_advances_while_a_run_is_open(tmp_path, mlflow_uri, monkeypatch):
-    monkeypatch.setenv(tracking.HEARTBEAT_ENV, "0.2")
-    monkeypatch.setattr(tracking, "heartbeats", tracking._Heartbeats())
-    client = tracking.get_client()
-    exp_id = tracking.ensure_experiment(client, "t_heartbeat")
-    claim = tracking.claim_run(client, exp_id, "beef", "beat", {}, {})
-    first = float(client.get_run(claim.tracker.run_id).data.tags[tracking.HEARTBEAT_TAG])
+    monkeypatch.setenv(HEARTBEAT_ENV, "0.2")
+    monkeypatch.setattr(liveness, "heartbeats", Heartbeats())
+    client = get_client()
+    exp_id = ensure_experiment(client, "t_heartbeat")
+    claim = claim_run(client, exp_id, "beef", "beat", {}, {})
+    first = float(client.get_run(claim.tracker.run_id).data.tags[HEARTBEAT_TAG])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         tags = client.get_run(claim.tracker.run_id).data.tags
-        if float(tags[tracking.HEARTBEAT_TAG]) > first:
+        if float(tags[HEARTBEAT_TAG]) > first:
             break
         time.sleep(0.1)
     else:
         pytest.fail("the heartbeat never advanced")
     claim.tracker.finish()
-    assert claim.tracker.run_id not in tracking.heartbeats._runs
+    assert claim.tracker.run_id not in liveness.heartbeats._runs

@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from fitscope.report import verdict, write_study_report
+from fitscope.core.errors import FitscopeError
+from fitscope.report.study import write_study_report
+from fitscope.results.verdict import verdict
+from fitscope.tracking.experiments import ensure_experiment
+from fitscope.tracking.run import RunTracker
+from fitscope.tracking.store import get_client
+from fitscope.tracking.tags import PARENT_TAG
 
 
 def curve(train, val):
@@ -92,16 +98,15 @@ def _fake_run(root, name, seed, best_val, run_id=None):
 
 def _tracked_runs(names: list[str], seeds: int) -> tuple[str, dict[tuple[str, int], str]]:
     """A parent run and one finished child run per variant and seed in the MLflow store."""
-    from fitscope import tracking
 
-    client = tracking.get_client()
-    exp = tracking.ensure_experiment(client, "s1")
-    parent = tracking.RunTracker.create(client, exp, "s1 · quick · abc", {}, {})
+    client = get_client()
+    exp = ensure_experiment(client, "s1")
+    parent = RunTracker.create(client, exp, "s1 · quick · abc", {}, {})
     ids = {}
     for name in names:
         for seed in range(seeds):
-            tags = {tracking.PARENT_TAG: parent.run_id, "mlflow.source.git.commit": "abc1234"}
-            child = tracking.RunTracker.create(client, exp, name, {}, tags)
+            tags = {PARENT_TAG: parent.run_id, "mlflow.source.git.commit": "abc1234"}
+            child = RunTracker.create(client, exp, name, {}, tags)
             fit = {"fit/best_epoch": 1, "fit/stopped_epoch": 2, "fit/early_stopped": 1}
             child.log_summary({**fit, "best/val/loss": 0.6, "best/val/acc": 0.6}, step=1)
             child.log_summary({"test/loss": 0.61, "test/acc": 0.7}, step=1)
@@ -150,7 +155,6 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
         assert next(csv.reader(fh)) == ["epoch", "train_loss", "val_loss", "train_acc", "val_acc"]
     # The report's answers are on the MLflow runs: each run's study verdict and description,
     # the parent's report files and comparison table.
-    from fitscope.tracking import get_client
 
     client = get_client()
     for (name, _seed), run_id in run_ids.items():
@@ -165,7 +169,6 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):
-    from fitscope.errors import FitscopeError
 
     _fake_run(tmp_path, "higgs-a", 0, 0.6)
     params = {"variants": {"higgs": {"higgs-a": {"study": "s", "overrides": ""}}}}

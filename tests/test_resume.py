@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import run_train, runs_of
 
-from fitscope import tracking
+from fitscope.tracking.store import get_client
 
 ARGS = [
     "model=large",
@@ -76,7 +76,7 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(
     assert all(torch.equal(resumed_w[k], base_w[k]) for k in base_w)
 
     # One MLflow run, continued: every epoch's metric exactly once, equal to the baseline's.
-    client = tracking.get_client(mlflow_uri)
+    client = get_client(mlflow_uri)
     _, runs = runs_of(client, "t_resume")
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert "fitscope.resumed" in runs[0].data.tags

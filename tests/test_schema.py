@@ -13,9 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from fitscope import schema, tracking
-from fitscope.errors import FitscopeError
-from fitscope.sweeps import usage_error
+from fitscope.core.errors import FitscopeError
+from fitscope.pipeline.schema import check
+from fitscope.pipeline.sweeps import usage_error
+from fitscope.tracking.experiments import ensure_experiment
+from fitscope.tracking.store import get_client
 
 
 def nothing_created(tmp_path) -> None:
@@ -44,6 +46,7 @@ def nothing_created(tmp_path) -> None:
         (["-m", "regularization.dropout=0.1,nan"], "sweep job regularization.dropout=nan:"),
     ],
 )
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_usage_errors_are_one_line_exit_2_and_create_nothing(args, message, tmp_path):
     proc = run_train(args, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     line = last_error_line(proc, 2)
@@ -57,8 +60,8 @@ def test_usage_errors_are_one_line_exit_2_and_create_nothing(args, message, tmp_
 @pytest.mark.slow
 def test_a_sweep_with_one_bad_job_creates_no_parent_run(processed_dir, tmp_path, mlflow_uri):
     """The store exists already (an earlier study); the bad sweep adds nothing to it."""
-    client = tracking.get_client(mlflow_uri)
-    tracking.ensure_experiment(client, "t_bad_sweep")
+    client = get_client(mlflow_uri)
+    ensure_experiment(client, "t_bad_sweep")
     proc = run_train(
         [
             *("-m", f"paths.data_dir={processed_dir}", "trainer=debug", "study=t_bad_sweep"),
@@ -126,7 +129,7 @@ def compose_and_check(key: str, value: str, tmp_path):
 
     cfg = compose("trainer=debug", f"paths.run_dir={tmp_path}", f"{key}={value}")
     HydraConfig.instance().cfg = None  # plain compose: no Hydra run is active
-    return schema.check(cfg)
+    return check(cfg)
 
 
 @settings(

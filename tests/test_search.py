@@ -10,7 +10,8 @@ import sys
 import pytest
 from conftest import last_error_line, run_train, runs_of
 
-from fitscope import tracking
+from fitscope.tracking.store import get_client
+from fitscope.tracking.tags import PARENT_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +32,12 @@ def test_four_trial_search_is_tracked_reported_and_resumable(processed_dir, tmp_
     assert (
         "sweep mnist_search_random: 4/4 jobs done" in first.stderr
     )  # a search counts against its trial budget
-    client = tracking.get_client(mlflow_uri)
+    client = get_client(mlflow_uri)
     parents, children = runs_of(client, "mnist_search_random")
     assert len(parents) == 1 and len(children) == 4
     assert parents[0].info.status == "FINISHED"
     for child in children:
-        assert child.data.tags[tracking.PARENT_TAG] == parents[0].info.run_id
+        assert child.data.tags[PARENT_TAG] == parents[0].info.run_id
         lr = float(child.data.params["optimizer.lr"])
         wd = 2 * float(child.data.params["regularization.l2"])
         assert 1e-6 <= lr <= 1e-2 and 1e-8 * 0.999 <= wd <= 1e-4 * 1.001
@@ -84,7 +85,7 @@ def test_search_whose_trials_all_fail_ends_cleanly(processed_dir, tmp_path, mlfl
         mlflow_uri,
     )
     assert last_error_line(proc, 1).startswith("fitscope: error: every job of the sweep failed")
-    parents, children = runs_of(tracking.get_client(mlflow_uri), "t_fail")
+    parents, children = runs_of(get_client(mlflow_uri), "t_fail")
     assert len(children) == 3
     assert {c.info.status for c in children} == {"FAILED"}
     assert all("loss became nan" in c.data.tags["fitscope.failure"] for c in children)

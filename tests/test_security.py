@@ -12,8 +12,11 @@ import torch
 import yaml
 from conftest import REPO, last_error_line, run, run_train
 
-from fitscope.errors import FitscopeError
-from fitscope.stages import train_sweep
+from fitscope.core.errors import FitscopeError
+from fitscope.pipeline.stages import train_sweep
+from fitscope.tracking.experiments import ensure_experiment
+from fitscope.tracking.store import get_client
+from fitscope.tracking.tags import tag_equals
 
 
 class _Payload:
@@ -67,6 +70,7 @@ def test_no_source_file_unpickles_with_weights_only_false():
     assert [where for where, safe in calls if not safe] == []
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_a_file_planted_in_the_run_dir_is_never_unpickled(processed_dir, tmp_path, mlflow_uri):
     """The DDP callbacks' state file (.ddp_callbacks.pt) is read back only by the DDP fit
     that wrote it: one planted in a run directory (a DVC-tracked output a user may hand
@@ -135,20 +139,17 @@ def test_shell_text_in_a_params_override_is_never_executed_by_dvc(repo_copy, tmp
 @pytest.mark.parametrize("value", ["plain-key", "it's", 'say "hi"', "a'b or 1=1"])
 def test_tag_values_in_mlflow_filters_match_exactly(value, mlflow_uri):
     """A quote in a value never breaks (or widens) an MLflow search."""
-    from fitscope import tracking
 
-    client = tracking.get_client(mlflow_uri)
-    exp_id = tracking.ensure_experiment(client, "t_filter")
+    client = get_client(mlflow_uri)
+    exp_id = ensure_experiment(client, "t_filter")
     wanted = client.create_run(exp_id, tags={"fitscope.parent_key": value}).info.run_id
     client.create_run(exp_id, tags={"fitscope.parent_key": "other"})
-    found = client.search_runs([exp_id], tracking.tag_equals("fitscope.parent_key", value))
+    found = client.search_runs([exp_id], tag_equals("fitscope.parent_key", value))
     assert [r.info.run_id for r in found] == [wanted]
 
 
 @pytest.mark.parametrize("value", ["a'b\"c", "back\\slash", "tick`"])
 def test_tag_values_that_cannot_be_quoted_are_refused(value):
-    from fitscope import tracking
-    from fitscope.errors import FitscopeError
 
     with pytest.raises(FitscopeError, match="cannot search MLflow for the tag value"):
-        tracking.tag_equals("fitscope.parent_key", value)
+        tag_equals("fitscope.parent_key", value)

@@ -21,18 +21,29 @@ from base64 import b64encode
 import pytest
 from conftest import job_metrics, make_repo_copy, nested_finished_children, run, runs_of, sweep
 
-from fitscope import stack, tracking
+from fitscope.stack.control import (
+    configure_dvc_remote,
+    stack_status,
+    start_stack,
+    stop_stack,
+    write_env_file,
+)
+from fitscope.stack.info import ADMIN_USER, BUCKET, COMPONENTS, HOST, RAY_ADDRESS_ENV, StackInfo
+from fitscope.stack.processes import free_ports
+from fitscope.tracking.liveness import run_owner
+from fitscope.tracking.store import get_client
+from fitscope.tracking.tags import PARENT_ENV
 
 pytestmark = pytest.mark.slow
 
 
-def _search_experiments(info: stack.StackInfo, password: str | None) -> int:
+def _search_experiments(info: StackInfo, password: str | None) -> int:
     """HTTP status of a REST call, with the admin's credentials or none."""
     req = urllib.request.Request(
         f"{info.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
     )
     if password is not None:
-        token = b64encode(f"{stack.ADMIN_USER}:{password}".encode()).decode()
+        token = b64encode(f"{ADMIN_USER}:{password}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -59,12 +70,12 @@ def test_s3_refuses_unknown_keys(team_stack):
         region_name="us-east-1",
     )
     with pytest.raises(ClientError):
-        stranger.list_objects_v2(Bucket=stack.BUCKET)
-    assert team_stack.s3_client().head_bucket(Bucket=stack.BUCKET)
+        stranger.list_objects_v2(Bucket=BUCKET)
+    assert team_stack.s3_client().head_bucket(Bucket=BUCKET)
 
 
 def test_env_file_is_private_and_sources(team_stack, tmp_path):
-    env_file = stack.write_env_file(team_stack, tmp_path / "stack.env")
+    env_file = write_env_file(team_stack, tmp_path / "stack.env")
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     shown = subprocess.run(
         ["bash", "-c", f"source {env_file} && env"], capture_output=True, text=True, check=True
@@ -72,7 +83,7 @@ def test_env_file_is_private_and_sources(team_stack, tmp_path):
     env = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
     assert env["MLFLOW_TRACKING_URI"] == team_stack.tracking_uri
     assert env["MLFLOW_TRACKING_PASSWORD"] == team_stack.credentials["admin_password"]
-    assert env[stack.RAY_ADDRESS_ENV] == team_stack.ray_address
+    assert env[RAY_ADDRESS_ENV] == team_stack.ray_address
 
 
 def test_ray_head_runs_a_task_for_a_client_with_the_stack_env(team_stack):
@@ -116,9 +127,9 @@ def test_a_port_in_use_is_one_line_error_naming_the_component_and_its_log(tmp_pa
 
     import psutil
 
-    ports = stack.free_ports()
+    ports = free_ports()
     with socket.socket() as busy:
-        busy.bind((stack.HOST, ports["postgres"]))
+        busy.bind((HOST, ports["postgres"]))
         busy.listen()
         proc = stack_up(
             tmp_path,
@@ -167,7 +178,7 @@ def _clone(team_stack, dest):
     """A teammate's fresh clone: the same commit and params, the DVC remote configured."""
     repo = make_repo_copy(dest)
     _debug_study(repo)
-    stack.configure_dvc_remote(team_stack, repo)
+    configure_dvc_remote(team_stack, repo)
     return repo
 
 
@@ -188,14 +199,14 @@ def stack_env(team_stack, monkeypatch) -> dict[str, str]:
     env = team_stack.client_env()
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.delenv(PARENT_ENV, raising=False)
     return env
 
 
 @pytest.fixture
 def server(stack_env):
     """An MlflowClient on the stack's server, with the credentials stack.env exports."""
-    return tracking.get_client()
+    return get_client()
 
 
 def _trained(repo) -> dict:
@@ -219,7 +230,7 @@ def test_pipeline_logs_run_model_and_alias_to_the_server(
     model_id = trained["mlflow_model_uri"].removeprefix("models:/")
     keys = [
         o["Key"]
-        for o in team_stack.s3_client().list_objects_v2(Bucket=stack.BUCKET)["Contents"]
+        for o in team_stack.s3_client().list_objects_v2(Bucket=BUCKET)["Contents"]
         if model_id in o["Key"]
     ]
     assert any(k.endswith("MLmodel") for k in keys), keys
@@ -301,9 +312,14 @@ def test_ray_sweep_logs_nested_runs_and_models_and_matches_a_local_run(
     worker_pids = {int(p) for p in re.findall(r"\(_run_job pid=(\d+)", out)}
     assert worker_pids
 
-    client = tracking.get_client(stack_env["MLFLOW_TRACKING_URI"])
+    client = get_client(stack_env["MLFLOW_TRACKING_URI"])
     children = nested_finished_children(client, "t_ray", 4)
-    assert {tracking.run_owner(c).pid for c in children} <= worker_pids
+    (parent,) = runs_of(client, "t_ray")[0]
+    owners = {run_owner(c).pid for c in children}
+    # Not in the sweep's own process (it owns the parent), but in Ray's workers. Ray's log
+    # forwarding can drop a worker's last lines under load: the prefixes name at least one.
+    assert run_owner(parent).pid not in owners
+    assert owners & worker_pids
     assert len({c.data.params["seed"] for c in children}) == 4
     # Each job's model is in the server's artifact store (S3), logged from its run.
     exp_id = client.get_experiment_by_name("t_ray").experiment_id
@@ -340,7 +356,7 @@ def test_optuna_search_runs_through_ray(stack_env, processed_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(set(re.findall(r"\(_run_job pid=(\d+)", proc.stdout + proc.stderr))) >= 1
-    client = tracking.get_client(stack_env["MLFLOW_TRACKING_URI"])
+    client = get_client(stack_env["MLFLOW_TRACKING_URI"])
     children = nested_finished_children(client, "t_ray_search", 2)
     assert len({c.data.params["optimizer.lr"] for c in children}) == 2
     parents, _ = runs_of(client, "t_ray_search")
@@ -352,17 +368,15 @@ def test_stop_by_pid_then_start_keeps_runs_models_and_credentials(team_stack, te
     """Last in this file: it restarts the module's stack in place."""
     import psutil
 
-    from fitscope.tracking import get_client
-
     procs = []
     for pid in team_stack.pids.values():
         proc = psutil.Process(pid)
         procs += [proc, *proc.children(recursive=True)]
-    assert stack.stop_stack(team_stack.state_dir) == ["ray", "mlflow", "s3", "postgres"]
+    assert stop_stack(team_stack.state_dir) == ["ray", "mlflow", "s3", "postgres"]
     assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert stack.stack_status(team_stack.state_dir) == dict.fromkeys(stack.COMPONENTS)
+    assert stack_status(team_stack.state_dir) == dict.fromkeys(COMPONENTS)
 
-    again = stack.start_stack(team_stack.state_dir)  # ports and credentials from its state
+    again = start_stack(team_stack.state_dir)  # ports and credentials from its state
     team_stack.pids.update(again.pids)
     assert again.credentials == team_stack.credentials and again.ports == team_stack.ports
     env = again.client_env()
@@ -379,5 +393,5 @@ def test_stop_by_pid_then_start_keeps_runs_models_and_credentials(team_stack, te
             os.environ.pop(key, None)
     assert _search_experiments(again, again.credentials["admin_password"]) == 200
     model_id = _trained(team_repo)["mlflow_model_uri"].removeprefix("models:/")
-    listed = again.s3_client().list_objects_v2(Bucket=stack.BUCKET)["Contents"]
+    listed = again.s3_client().list_objects_v2(Bucket=BUCKET)["Contents"]
     assert any(model_id in o["Key"] and o["Key"].endswith("MLmodel") for o in listed)

@@ -10,16 +10,17 @@ import time
 import pytest
 from conftest import last_error_line, run_train, runs_of
 
-from fitscope import tracking
+from fitscope.tracking.store import HTTP_LIMITS, ServerUnreachable, get_client
 
 
 def debug_args(processed_dir, *extra):
     return [f"paths.data_dir={processed_dir}", "trainer=debug", "study=t_store", *extra]
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_read_only_store_is_refused_before_training(processed_dir, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.get_client(uri)  # an existing store...
+    get_client(uri)  # an existing store...
     subprocess.run(["chattr", "+i", str(tmp_path / "mlflow.db")], check=True)  # ...read-only
     try:
         proc = run_train(debug_args(processed_dir), tmp_path, uri)
@@ -31,6 +32,7 @@ def test_read_only_store_is_refused_before_training(processed_dir, tmp_path):
     assert "best epoch" not in proc.stderr  # nothing was trained
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_unwritable_store_path_is_refused_before_training(processed_dir, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     uri = f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"
@@ -44,6 +46,7 @@ def test_unwritable_store_path_is_refused_before_training(processed_dir, tmp_pat
     ["http://no-such-host.invalid:5000", "htp://127.0.0.1:5000"],
     ids=["unknown-host", "bad-scheme"],
 )
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_a_wrong_server_uri_is_one_line_within_30_seconds(processed_dir, tmp_path, uri):
     # A typo is not an outage: no offline run (a refused or timed-out connection trains
     # on and waits for `fitscope runs sync`: tests/test_sync.py).
@@ -61,14 +64,15 @@ def test_an_unreachable_server_is_told_apart_within_30_seconds(monkeypatch):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # The retry cap, timed without a process start (MLflow's default: ~4 minutes).
-    for key in tracking.HTTP_LIMITS:
+    for key in HTTP_LIMITS:
         monkeypatch.delenv(key, raising=False)
     started = time.monotonic()
-    with pytest.raises(tracking.ServerUnreachable, match="cannot use the MLflow tracking store"):
-        tracking.get_client(f"http://127.0.0.1:{port}")
+    with pytest.raises(ServerUnreachable, match="cannot use the MLflow tracking store"):
+        get_client(f"http://127.0.0.1:{port}")
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_unwritable_run_dir_is_refused_before_training(processed_dir, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -106,6 +110,6 @@ def test_disk_full_is_one_line_naming_the_file_and_leaves_no_partial_file(
         "command again"
     )
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["history.csv"]  # no model.pt, no .tmp
-    _, runs = runs_of(tracking.get_client(mlflow_uri), "t_store")
+    _, runs = runs_of(get_client(mlflow_uri), "t_store")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "no space left" in runs[0].data.tags["fitscope.failure"]

@@ -25,8 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fitscope import tracking
-from fitscope.errors import FitscopeError
+from fitscope.core.errors import FitscopeError
+from fitscope.model.mlp import ProbabilityModel, build_mlp_from_config, model_from_weights
+from fitscope.tracking.store import ServerUnreachable, get_client
+from fitscope.tracking.sync import sync_pending
+from fitscope.tracking.tags import PARENT_TAG
 
 EPOCH_KEYS_SKIP = ("epoch",)
 CLEAN_ENV = ("FITSCOPE_PARENT_RUN_ID", "FITSCOPE_PENDING_DIR", "DVC_ROOT")
@@ -81,7 +84,7 @@ class Server:
         return {k: v for k, v in env.items() if k not in CLEAN_ENV}
 
     def client(self):
-        return tracking.get_client(self.uri)
+        return get_client(self.uri)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +142,10 @@ def assert_every_point(client, run_id: str, hist: dict[str, list[float]]) -> Non
         np.testing.assert_allclose([m.value for m in points], values, rtol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_a_run_with_the_server_down_trains_and_sync_uploads_it_once(
     processed_dir, tmp_path, server
 ):
-    from fitscope.models import ProbabilityModel, build_mlp_from_config
 
     server.kill()  # down when the run starts
     run_dir = tmp_path / "run"
@@ -200,7 +203,9 @@ def test_a_run_with_the_server_down_trains_and_sync_uploads_it_once(
 
     # A sync cut short after uploading (the record still there): again, nothing doubles.
     shutil.copytree(saved, record)
-    [again] = tracking.sync_pending(server.client(), tmp_path / "mlruns-pending")
+    [again] = sync_pending(
+        server.client(), tmp_path / "mlruns-pending", build_model=model_from_weights
+    )
     assert again.done and again.run_id == run_id, again
     assert "0 param(s), 0 metric point(s)" in again.note and "model already there" in again.note
     [same] = runs_of(client, "t_sync_down")
@@ -209,6 +214,7 @@ def test_a_run_with_the_server_down_trains_and_sync_uploads_it_once(
     assert_every_point(client, run_id, hist)
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_a_sweep_started_with_the_server_down_is_nested_under_one_parent_at_sync(
     processed_dir, tmp_path, server
 ):
@@ -239,7 +245,7 @@ def test_a_sweep_started_with_the_server_down_is_nested_under_one_parent_at_sync
     [parent] = [r for r in runs if r.data.tags.get("fitscope.role") == "parent"]
     children = [r for r in runs if r is not parent]
     assert sorted(r.data.params["seed"] for r in children) == sorted(seeds)
-    assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {parent.info.run_id}
+    assert {r.data.tags[PARENT_TAG] for r in children} == {parent.info.run_id}
     assert {r.info.status for r in runs} == {"FINISHED"}, [r.info.status for r in runs]
     assert parent.data.tags["fitscope.parent_key"] == records[0]["parent_key"]
     assert "best/val/loss" in parent.data.metrics  # closed with its best child
@@ -250,13 +256,14 @@ def test_a_sweep_started_with_the_server_down_is_nested_under_one_parent_at_sync
     assert parent.data.metrics["sweep/children_finished"] == len(seeds)
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_a_server_killed_mid_run_loses_no_point(processed_dir, tmp_path, server):
     server.start()
     client = server.client()
     # A server that answers "not found" (a wrong path in the URI) is an error, not an outage.
     with pytest.raises(FitscopeError) as wrong:
-        tracking.get_client(f"{server.uri}/no-such-prefix")
-    assert not isinstance(wrong.value, tracking.ServerUnreachable) and "404" in str(wrong.value)
+        get_client(f"{server.uri}/no-such-prefix")
+    assert not isinstance(wrong.value, ServerUnreachable) and "404" in str(wrong.value)
     run_dir, epochs = tmp_path / "run", 150
     args = ["study=t_sync_kill", f"trainer.max_epochs={epochs}", "logger.flush_every=1"]
     proc = subprocess.Popen(
@@ -290,10 +297,14 @@ def test_a_server_killed_mid_run_loses_no_point(processed_dir, tmp_path, server)
     [run] = runs_of(client, "t_sync_kill")  # the same run, no second one
     assert run.info.status == "FINISHED" and "fitscope.failure" not in run.data.tags
     assert_every_point(client, run.info.run_id, hist)
-    assert tracking.sync_pending(server.client(), tmp_path / "mlruns-pending") == []
+    assert (
+        sync_pending(server.client(), tmp_path / "mlruns-pending", build_model=model_from_weights)
+        == []
+    )
     assert len(runs_of(client, "t_sync_kill")) == 1
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_eight_jobs_at_once_lose_no_point_and_train_one_config_once(
     processed_dir, tmp_path, server
 ):

@@ -14,10 +14,16 @@ import torch
 from conftest import compose, last_error_line, run_train, runs_of
 from test_precision import expected_auto_precision
 
-from fitscope import tracking
-from fitscope.errors import FitscopeError
-from fitscope.models import ProbabilityModel, build_mlp
-from fitscope.train import train, validate
+from fitscope.core.errors import FitscopeError
+from fitscope.model.mlp import ProbabilityModel, build_mlp
+from fitscope.pipeline.job import train, validate
+from fitscope.pipeline.stages import train_sweep
+from fitscope.pipeline.variants import stage_target
+from fitscope.results.verdict import own_verdict
+from fitscope.tracking.experiments import ensure_experiment
+from fitscope.tracking.run import RunTracker
+from fitscope.tracking.store import get_client
+from fitscope.tracking.tags import KIND_TAG, NOTE_TAG, PARENT_TAG, git_state, source_tags
 
 
 def debug_cfg(processed_dir, run_dir, *overrides):
@@ -38,7 +44,7 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
         processed_dir, tmp_path / "run", "model=small", "regularization=l2", "study=t_higgs"
     )
     value = train(cfg)
-    client = tracking.get_client()
+    client = get_client()
     run = only_run(client, "t_higgs")
     assert run.info.status == "FINISHED" and run.info.run_name == "higgs-small-l2"
     p, tags, m = run.data.params, run.data.tags, run.data.metrics
@@ -98,8 +104,6 @@ def _assert_run_page_says_what_the_run_found(client, run, run_dir, processed_dir
 
     import yaml
 
-    from fitscope.report.study import own_verdict
-
     run_id, tags, m = run.info.run_id, run.data.tags, run.data.metrics
     with open(run_dir / "history.csv", newline="") as fh:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
@@ -145,8 +149,8 @@ def _assert_run_page_says_what_the_run_found(client, run, run_dir, processed_dir
     assert tags["mlflow.user"] == getpass.getuser()
     assert tags["mlflow.source.name"] == "fitscope-train"
     exp = client.get_experiment(run.info.experiment_id)
-    assert exp.tags[tracking.KIND_TAG] == "custom_model_development"  # UI opens on runs
-    assert "What to compare" in exp.tags[tracking.NOTE_TAG]
+    assert exp.tags[KIND_TAG] == "custom_model_development"  # UI opens on runs
+    assert "What to compare" in exp.tags[NOTE_TAG]
 
 
 def test_params_yaml_variants_have_the_names_a_hydra_sweep_gives_them():
@@ -179,15 +183,15 @@ def test_git_dirtiness_ignores_only_what_dvc_writes(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("b\n")
     (tmp_path / "dvc.lock").write_text("b\n")
     monkeypatch.delenv("DVC_STAGE", raising=False)
-    assert tracking.source_tags("x")["fitscope.git_dirty"] == "true"
+    assert source_tags("x")["fitscope.git_dirty"] == "true"
     monkeypatch.setenv("DVC_STAGE", "train@higgs")
     monkeypatch.setenv("DVC_EXP_NAME", "funny-exp")
-    tags = tracking.source_tags("x")
+    tags = source_tags("x")
     assert tags["fitscope.git_dirty"] == "false"
     assert tags["fitscope.git_dirty_ignores"] == "params.yaml, dvc.lock (written by DVC itself)"
     assert tags["fitscope.dvc_exp"] == "funny-exp"
     (tmp_path / "code.py").write_text("b\n")
-    assert tracking.source_tags("x")["fitscope.git_dirty"] == "true"
+    assert source_tags("x")["fitscope.git_dirty"] == "true"
 
 
 def test_mnist_debug_run(processed_dir, tmp_path, mlflow_uri):
@@ -200,7 +204,7 @@ def test_mnist_debug_run(processed_dir, tmp_path, mlflow_uri):
         "regularization=weight_decay",
     )
     value = train(cfg)
-    run = only_run(tracking.get_client(), "t_mnist")
+    run = only_run(get_client(), "t_mnist")
     assert run.data.params["optimizer.name"] == "sgd"
     assert run.data.params["data.train_size"] == "300"
     assert run.data.params["regularization.l2_include_output"] == "True"
@@ -212,11 +216,11 @@ def test_mnist_debug_run(processed_dir, tmp_path, mlflow_uri):
 def test_finished_config_is_skipped_unless_forced(processed_dir, tmp_path, mlflow_uri, caplog):
     cfg = debug_cfg(processed_dir, tmp_path / "run", "study=t_skip", "logger.log_model=false")
     first = train(cfg)
-    with caplog.at_level("INFO", logger="fitscope.train"):
+    with caplog.at_level("INFO", logger="fitscope"):
         again = train(cfg)
     assert again == first
     assert "already finished with this config" in caplog.text
-    client = tracking.get_client()
+    client = get_client()
     exp = client.get_experiment_by_name("t_skip").experiment_id
     assert len(client.search_runs([exp])) == 1
     train(
@@ -258,6 +262,7 @@ def test_gpu_without_cuda_is_refused_before_any_work(processed_dir, tmp_path, mo
         validate(debug_cfg(processed_dir, tmp_path, "trainer.accelerator=gpu"))
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_cli_batch_size_too_large_is_one_line_and_nothing_is_logged(
     processed_dir, tmp_path, mlflow_uri
 ):
@@ -288,7 +293,7 @@ def test_nan_loss_marks_the_run_failed_and_exits_nonzero(processed_dir, tmp_path
     )
     assert proc.returncode == 2, proc.stderr
     assert "fitscope: error: training loss became nan" in proc.stderr
-    client = tracking.get_client()
+    client = get_client()
     run = only_run(client, "t_nan")
     assert run.info.status == "FAILED"
     assert "training loss became nan" in run.data.tags["fitscope.failure"]
@@ -314,13 +319,13 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, mlflo
         "1/2",
         "2/2",
     ]
-    client = tracking.get_client()
+    client = get_client()
     parents, children = runs_of(client, "t_sweep")
     assert len(parents) == 1 and len(children) == 2
     assert parents[0].info.status == "FINISHED"
-    assert {c.data.tags[tracking.PARENT_TAG] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags[PARENT_TAG] for c in children} == {parents[0].info.run_id}
     assert {c.info.run_name for c in children} == {"higgs-tiny", "higgs-small"}
-    commit = tracking.git_state(tmp_path)[0]  # the sweep ran there
+    commit = git_state(tmp_path)[0]  # the sweep ran there
     assert parents[0].info.run_name == f"t_sweep · adhoc · {commit[:7]}"
     # Each child holds its own overrides (the parent the sweep's).
     own = [set(c.data.tags["fitscope.overrides"].split()) for c in children]
@@ -341,17 +346,16 @@ def test_joblib_sweep_nests_jobs_under_one_parent(processed_dir, tmp_path, mlflo
 
 def _writer(args):
     uri, name = args
-    from fitscope import tracking as t
 
     # Each worker opens the (fresh) store and the experiment itself: the races on table
     # creation and on the experiment name are what the store lock prevents.
-    client = t.get_client(uri)
-    exp_id = t.ensure_experiment(client, "t_concurrent")
-    tracker = t.RunTracker.create(client, exp_id, name, {"worker": name}, {"fitscope.w": name})
+    client = get_client(uri)
+    exp_id = ensure_experiment(client, "t_concurrent")
+    tracker = RunTracker.create(client, exp_id, name, {"worker": name}, {"fitscope.w": name})
     rows = [
         {"epoch": e, "train/loss": 1.0 / (e + 1), "val/loss": 2.0 / (e + 1)} for e in range(300)
     ]
-    for start in range(0, 300, 25):  # batched like MlflowEpochLogger
+    for start in range(0, 300, 25):  # batched like EpochRowSender
         tracker.log_rows(rows[start : start + 25])
     tracker.finish()
     return tracker.run_id
@@ -364,7 +368,7 @@ def test_four_concurrent_writers_on_a_fresh_store_lose_nothing(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     with mp.get_context("spawn").Pool(4) as pool:
         run_ids = pool.map(_writer, [(uri, f"w{i}") for i in range(4)])
-    client = tracking.get_client(uri)
+    client = get_client(uri)
     exp = client.get_experiment_by_name("t_concurrent")
     assert len(client.search_runs([exp.experiment_id])) == 4
     assert len(client.search_experiments()) == 2  # Default + t_concurrent, no duplicate
@@ -397,7 +401,7 @@ def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, mlflow_uri):
     assert last_error_line(proc, 1).startswith(
         "fitscope: error: 1 job(s) of the sweep failed (higgs-large)"
     )
-    _, children = runs_of(tracking.get_client(), "t_mixed")
+    _, children = runs_of(get_client(), "t_mixed")
     statuses = sorted(r.info.status for r in children)
     assert statuses == ["FAILED", "FINISHED"]
 
@@ -405,9 +409,6 @@ def test_a_failed_job_fails_a_plain_sweep(processed_dir, tmp_path, mlflow_uri):
 def test_a_dvc_train_stage_is_one_sweep_of_its_datasets_variants(monkeypatch):
     import yaml
     from conftest import REPO
-
-    from fitscope.errors import FitscopeError
-    from fitscope.stages import stage_target, train_sweep
 
     monkeypatch.setenv("DVC_STAGE", "train@higgs")
     assert stage_target(None) == "higgs"

@@ -1,226 +1,36 @@
-"""The ``fitscope`` command: the DVC stages call its subcommands.
+"""The ``fitscope`` command: its subcommands, and where each one's code lives.
 
-Every user-fixable error is printed as one line (no traceback) with a non-zero exit.
+The DVC stages call these subcommands. Each subcommand's handler is imported only when it
+runs (by its name in :data:`COMMANDS`), so no command pays for another's imports (data:
+polars, requests; train: Lightning; report: matplotlib), and a DVC stage depends on the
+code of its own command only (tests/test_dvc_deps.py). Every user-fixable error is printed
+as one line (no traceback) with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-import yaml
+from fitscope.core.errors import run_cli
 
-from fitscope.config import check_name, from_mapping
-from fitscope.errors import FitscopeError
-
-log = logging.getLogger("fitscope")
-
-
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read the DVC parameters file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FitscopeError(f"{path} not found. Fix: run from the repository root")
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise FitscopeError(f"{path} is not valid YAML ({exc}). Fix: correct the file") from exc
-    if not isinstance(params, dict):
-        raise FitscopeError(f"{path} must be a mapping. Fix: correct the file")
-    return params
-
-
-# Each command imports what it needs when it runs (data and downloads: pyarrow, requests;
-# train: Lightning; report: matplotlib), so no command pays for another's imports.
-
-
-def _retry_policy(params: dict[str, Any]):
-    from fitscope.download import RetryPolicy
-
-    return from_mapping(RetryPolicy, "download", params.get("download"))
-
-
-def cmd_fetch(args: argparse.Namespace) -> None:
-    from fitscope import data
-
-    params = load_params(args.params)
-    out = Path(args.out or f"data/raw/{args.dataset}")
-    if args.dataset == "higgs":
-        info = data.fetch_higgs(data.higgs_params(params.get("data")), out, _retry_policy(params))
-    else:
-        info = data.fetch_mnist(data.mnist_params(params.get("data")), out, _retry_policy(params))
-    print(f"fetched {args.dataset} from {info['source']} into {out}")
-    if "head_sha256" in info:
-        pinned = "data.higgs.head_sha256" in info["verified_by"]
-        print(
-            f"the first {info['rows']} rows have sha256 {info['head_sha256']}"
-            + ("" if pinned else " (pin it as data.higgs.head_sha256 to refuse changed data)")
-        )
-
-
-def cmd_split(args: argparse.Namespace) -> None:
-    from fitscope import data
-
-    params = load_params(args.params)
-    raw = Path(args.raw or f"data/raw/{args.dataset}")
-    out = Path(args.out or f"data/processed/{args.dataset}")
-    if args.dataset == "higgs":
-        from fitscope.progress import ByteProgress
-
-        gz = raw / data.HIGGS_FILE
-        total = gz.stat().st_size if gz.is_file() else None
-        with ByteProgress(total, f"split higgs: {gz}") as shown:
-            higgs = data.higgs_params(params.get("data"))
-            manifest = data.split_higgs(higgs, raw, out, on_bytes=shown.update)
-    else:
-        manifest = data.split_mnist(data.mnist_params(params.get("data")), raw, out)
-    sizes = ", ".join(f"{k}={v['rows']}" for k, v in manifest["splits"].items())
-    print(f"split {args.dataset}: {sizes} -> {out}")
-
-
-def cmd_mirror(args: argparse.Namespace) -> None:
-    from fitscope import data
-
-    params = load_params(args.params)
-    targets = data.mirror_targets(params.get("data"), tuple(args.datasets), args.dir)
-    written: list[Path] = []
-    for directory, datasets in targets.items():
-        if args.checksums_only:
-            written.append(data.write_mirror_checksums(directory))
-        else:
-            written += data.fill_mirror(directory, datasets, _retry_policy(params))
-    print(f"{len(written)} file(s) written, checksums in {data.CHECKSUMS_FILE}")
-    for directory, datasets in targets.items():
-        keys = " ".join(
-            f"-S data.{d}.source=mirror -S data.{d}.mirror={directory}" for d in datasets
-        )
-        print(f"to use {directory}: dvc exp run {keys}")
-    if Path(data.DEFAULT_MIRROR_DIR) in targets:
-        print(f"to share {data.DEFAULT_MIRROR_DIR}: dvc commit data.dvc && dvc push")
-
-
-def cmd_synth_higgs(args: argparse.Namespace) -> None:
-    from fitscope import data
-    from fitscope.synthetic import write_synthetic_higgs
-
-    if args.rows < 1:
-        raise FitscopeError(f"--rows {args.rows} must be at least 1. Fix: e.g. --rows 20000")
-    out = Path(args.dir)
-    digest = write_synthetic_higgs(out / data.HIGGS_FILE, args.rows, seed=args.seed)
-    data.write_mirror_checksums(out)
-    print(f"wrote {args.rows} synthetic rows to {out / data.HIGGS_FILE} (sha256 {digest})")
-    print(
-        f"a mirror with {data.CHECKSUMS_FILE}: dvc exp run -S data.higgs.source=mirror "
-        f"-S data.higgs.mirror={out} -S data.higgs.size=full"
-    )
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from fitscope import stages
-
-    name = stages.stage_target(args.name)
-    stages.run_train(*stages.train_sweep(load_params(args.params), name))
-
-
-def cmd_search(args: argparse.Namespace) -> None:
-    from fitscope import stages
-
-    stages.run_train(stages.search_overrides(load_params(args.params), args.sampler))
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from fitscope.evaluate import evaluate_dataset
-
-    check_name("dataset", args.dataset)
-    keys = ("test_loss", "test_acc", "test_auroc", "train_eval_loss")
-    for variant, result in evaluate_dataset(args.dataset, args.runs, args.out).items():
-        shown = ", ".join(f"{k}={result[k]:.4f}" for k in keys if k in result)
-        print(f"evaluated {variant}: {shown}")
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    from fitscope.report import write_study_report
-    from fitscope.report.summary import print_summary
-
-    params = load_params(args.params)
-    path = write_study_report(params, args.runs, args.metrics, args.out)
-    print(f"report written to {path} (and {path.with_suffix('.html')})")
-    print_summary(params, args.runs, args.metrics, args.out)
-
-
-def cmd_summary(args: argparse.Namespace) -> None:
-    from fitscope.report.summary import print_summary
-
-    print_summary(load_params(args.params), args.runs, args.metrics, args.out)
-
-
-def cmd_runs_reconcile(args: argparse.Namespace) -> None:
-    from fitscope import tracking
-
-    if args.stale_after is not None and not args.stale_after > 0:
-        raise FitscopeError(
-            f"--stale-after {args.stale_after:g} must be a positive number of seconds. "
-            "Fix: e.g. --stale-after 600"
-        )
-    client = tracking.existing_client()
-    changed, running, names = tracking.reconcile_store(client, args.experiment, args.stale_after)
-    for run in changed:
-        print(f"KILLED {run.run_id} {names[run.experiment_id]}/{run.run_name}: {run.reason}")
-    print(
-        f"reconciled {len(names)} experiment(s): {len(changed)} run(s) KILLED, "
-        f"{len(running)} still RUNNING"
-    )
-
-
-def cmd_runs_sync(args: argparse.Namespace) -> None:
-    from fitscope import tracking
-    from fitscope.pending import spool_dir
-
-    spool = Path(args.dir) if args.dir else spool_dir()
-    client = tracking.existing_client()
-    results = tracking.sync_pending(client, spool)
-    for r in results:
-        print(f"{'synced' if r.done else 'left'} {r.sync_id} -> run {r.run_id or '-'}: {r.note}")
-    synced = sum(r.done for r in results)
-    print(
-        f"synced {synced} record(s) from {spool} to {client.tracking_uri}; "
-        f"{len(results) - synced} left pending"
-    )
-
-
-def cmd_stack(args: argparse.Namespace) -> None:
-    from fitscope import stack
-
-    state = Path(args.state_dir)
-    if args.stack_command == "down":
-        stopped = stack.stop_stack(state)
-        print(f"stopped: {', '.join(stopped) or 'nothing was running'} (data kept in {state})")
-        return
-    if args.stack_command == "status":
-        for name, pid in stack.stack_status(state).items():
-            print(f"{name:9}{'running, pid ' + str(pid) if pid else 'stopped'}")
-        return
-    ports = {}
-    for item in args.port:
-        name, _, value = item.partition("=")
-        if name not in stack.DEFAULT_PORTS or not value.isdigit():
-            raise FitscopeError(
-                f"--port {item!r} is not NAME=NUMBER. Fix: NAME is one of "
-                f"{', '.join(stack.DEFAULT_PORTS)}"
-            )
-        ports[name] = int(value)
-    info = stack.start_stack(state, ports, args.components)
-    env_file = stack.write_env_file(info, args.env_file)
-    if "s3" in info.pids and not args.no_dvc_remote:
-        stack.configure_dvc_remote(info)
-        print(
-            f"DVC remote '{stack.DVC_REMOTE}' -> {stack.DVC_URI} (credentials in .dvc/config.local)"
-        )
-    print(stack.usage(info, env_file))
+# subcommand -> "module:function" that runs it (with the parsed arguments).
+COMMANDS = {
+    "fetch": "fitscope.data.commands:cmd_fetch",
+    "split": "fitscope.data.commands:cmd_split",
+    "mirror": "fitscope.data.commands:cmd_mirror",
+    "synth-higgs": "fitscope.data.commands:cmd_synth_higgs",
+    "train": "fitscope.pipeline.commands:cmd_train",
+    "search": "fitscope.pipeline.commands:cmd_search",
+    "evaluate": "fitscope.results.commands:cmd_evaluate",
+    "report": "fitscope.report.commands:cmd_report",
+    "summary": "fitscope.report.commands:cmd_summary",
+    "runs reconcile": "fitscope.pipeline.runs_commands:cmd_runs_reconcile",
+    "runs sync": "fitscope.pipeline.runs_commands:cmd_runs_sync",
+    "stack": "fitscope.stack.commands:cmd_stack",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch", help="download/copy and verify a raw dataset")
     fetch.add_argument("dataset", choices=["higgs", "mnist"])
     fetch.add_argument("--out", help="output directory (default data/raw/<dataset>)")
-    fetch.set_defaults(func=cmd_fetch)
+    fetch.set_defaults(command_key="fetch")
 
     split = sub.add_parser("split", help="parse and split a raw dataset into .npy arrays")
     split.add_argument("dataset", choices=["higgs", "mnist"])
     split.add_argument("--raw", help="raw directory (default data/raw/<dataset>)")
     split.add_argument("--out", help="output directory (default data/processed/<dataset>)")
-    split.set_defaults(func=cmd_split)
+    split.set_defaults(command_key="split")
 
     mirror = sub.add_parser("mirror", help="download the official files into a local mirror")
     mirror.add_argument(
@@ -253,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only (re)write checksums.json for the files already in the mirror",
     )
-    mirror.set_defaults(func=cmd_mirror)
+    mirror.set_defaults(command_key="mirror")
 
     synth = sub.add_parser(
         "synth-higgs",
@@ -263,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("dir", nargs="?", default="data/synthetic", help="(git-ignored default)")
     synth.add_argument("--rows", type=int, default=11_000_000, help="default: the real file's")
     synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(func=cmd_synth_higgs)
+    synth.set_defaults(command_key="synth-higgs")
 
     train = sub.add_parser(
         "train", help="train a dataset's variants of params.yaml (DVC train stage), or one"
@@ -273,11 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="a dataset under params.yaml's variants, or one variant (default: from DVC_STAGE)",
     )
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(command_key="train")
 
     search = sub.add_parser("search", help="run the params.yaml search with one sampler")
     search.add_argument("sampler", choices=["random", "tpe"])
-    search.set_defaults(func=cmd_search)
+    search.set_defaults(command_key="search")
 
     evaluate = sub.add_parser(
         "evaluate", help="average each trained variant's test scores (DVC evaluate stage)"
@@ -285,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("dataset", help="runs/<dataset> holds its variants' runs")
     evaluate.add_argument("--runs", default="runs")
     evaluate.add_argument("--out", default="metrics")
-    evaluate.set_defaults(func=cmd_evaluate)
+    evaluate.set_defaults(command_key="evaluate")
 
     report = sub.add_parser("report", help="write reports/study.md and study.html")
     report.add_argument("--runs", default="runs")
     report.add_argument("--metrics", default="metrics")
     report.add_argument("--out", default="reports")
-    report.set_defaults(func=cmd_report)
+    report.set_defaults(command_key="report")
 
     summary = sub.add_parser(
         "summary", help="print the comparison table, the champions and where the report is"
@@ -299,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--runs", default="runs")
     summary.add_argument("--metrics", default="metrics")
     summary.add_argument("--out", default="reports")
-    summary.set_defaults(func=cmd_summary)
+    summary.set_defaults(command_key="summary")
 
     runs = sub.add_parser("runs", help="MLflow run housekeeping")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -315,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat after which a run of another host counts as dead "
         "(default: $FITSCOPE_STALE_AFTER_S or 600)",
     )
-    reconcile.set_defaults(func=cmd_runs_reconcile)
+    reconcile.set_defaults(command_key="runs reconcile")
     sync = runs_sub.add_parser(
         "sync",
         help="upload the runs kept on disk while the tracking server was unreachable "
@@ -324,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--dir", help="pending records (default: $FITSCOPE_PENDING_DIR or ./mlruns-pending)"
     )
-    sync.set_defaults(func=cmd_runs_sync)
+    sync.set_defaults(command_key="runs sync")
 
     team = sub.add_parser("stack", help="the local team stack (docs/team.md)")
     team.add_argument("stack_command", choices=["up", "down", "status"])
@@ -342,26 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     team.add_argument(
         "--no-dvc-remote", action="store_true", help="leave the DVC remote config alone"
     )
-    team.set_defaults(func=cmd_stack)
+    team.set_defaults(command_key="stack")
     return parser
 
 
-def run_cli(func: Callable[[], Any]) -> Any:
-    """Run ``func``; turn a FitscopeError into a one-line message and exit code 2."""
-    try:
-        return func()
-    except FitscopeError as exc:
-        print(f"fitscope: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("fitscope: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+def handler(key: str):
+    """The function that runs subcommand ``key`` (its module imported now)."""
+    module, function = COMMANDS[key].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    run_cli(lambda: args.func(args))
+    run_cli(lambda: handler(args.command_key)(args))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""Reports: the study comparison (``study``) and the hyperparameter search (``search``)."""
+"""The study and search reports (markdown, html, figures) and the terminal summary.
 
-from fitscope.report.study import verdict, write_study_report
-
-__all__ = ["verdict", "write_study_report"]
+Sits on top: may import every layer below.
+"""

@@ -14,10 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fitscope.errors import FitscopeError
-from fitscope.fileio import atomic_path, write_csv
-from fitscope.report.plotting import pyplot, save_png
-from fitscope.tracking import PARENT_TAG, TAG, get_client, tag_equals
+from fitscope.core.errors import FitscopeError, run_cli
+from fitscope.core.fileio import atomic_path, write_csv
+from fitscope.results.figures import pyplot, save_png
+from fitscope.tracking.store import get_client
+from fitscope.tracking.tags import PARENT_TAG, TAG, tag_equals
 
 PAIRS = {"mnist_search_random": "mnist_search_tpe", "mnist_search_tpe": "mnist_search_random"}
 OBJECTIVE = "best/val/acc"
@@ -101,13 +102,26 @@ def best_so_far(trials: list[Trial]) -> list[float]:
 def _plots(
     client, study: str, trials: list[Trial], other: list[Trial] | None, out: Path, top: list[Trial]
 ) -> list[str]:
+    """The search's figures (top trials' curves, where the good values are, and against
+    the other sampler); their file names under ``out``."""
     plt = pyplot()
-    names = []
-
-    def save(fig, name: str) -> None:
+    figures = {"top_trials.png": _top_trials(plt, client, study, top)}
+    figures["lr_wd_scatter.png"] = _lr_wd_scatter(plt, study, trials)
+    if other is not None:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for label, ts in ((study, trials), (PAIRS[study], other)):
+            ax.plot(range(1, len(ts) + 1), best_so_far(ts), label=label)
+        ax.set_xlabel("trials")
+        ax.set_ylabel("best validation accuracy so far")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        figures["best_so_far.png"] = fig
+    for name, fig in figures.items():
         save_png(fig, out / name)
-        names.append(name)
+    return list(figures)
 
+
+def _top_trials(plt, client, study: str, top: list[Trial]):
     fig, ax = plt.subplots(figsize=(8, 5))
     for rank, t in enumerate(top):
         hist = client.get_metric_history(t.run_id, "val/acc")
@@ -123,8 +137,10 @@ def _plots(
     ax.set_title(f"{study}: validation accuracy of the top {len(top)} trials")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    save(fig, "top_trials.png")
+    return fig
 
+
+def _lr_wd_scatter(plt, study: str, trials: list[Trial]):
     fig, ax = plt.subplots(figsize=(6.5, 5))
     ok = [t for t in trials if t.objective is not None]
     failed = [t for t in trials if t.objective is None]
@@ -148,18 +164,7 @@ def _plots(
     ax.set_xlabel("log10 learning rate")
     ax.set_ylabel("log10 weight decay")
     ax.set_title(f"{study}: where the good values are")
-    save(fig, "lr_wd_scatter.png")
-
-    if other is not None:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for label, ts in ((study, trials), (PAIRS[study], other)):
-            ax.plot(range(1, len(ts) + 1), best_so_far(ts), label=label)
-        ax.set_xlabel("trials")
-        ax.set_ylabel("best validation accuracy so far")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        save(fig, "best_so_far.png")
-    return names
+    return fig
 
 
 def write_search_report(
@@ -179,24 +184,7 @@ def write_search_report(
     ranked = sorted((t for t in trials if t.objective is not None), key=lambda t: -t.objective)
     top = ranked[:top_n]
     pngs = _plots(client, study, trials, other, out, top)
-    write_csv(
-        out / "trials.csv",
-        [
-            ["trial", "run_id", "status", "lr", "weight_decay", "best_val_acc", "best_epoch"],
-            *(
-                [
-                    t.number,
-                    t.run_id,
-                    t.status,
-                    t.lr,
-                    t.weight_decay,
-                    "" if t.objective is None else t.objective,
-                    t.best_epoch or "",
-                ]
-                for t in trials
-            ),
-        ],
-    )
+    _write_trials_csv(trials, out / "trials.csv")
     failed = sum(t.objective is None for t in trials)
     md = [
         f"# Hyperparameter search `{study}`\n",
@@ -212,26 +200,48 @@ def write_search_report(
         for i, t in enumerate(top, start=1)
     ]
     if other is not None:
-        mine, theirs = best_so_far(trials), best_so_far(other)
-        marks = [n for n in (5, 10, 25, 50, 100) if n <= min(len(mine), len(theirs))]
-        budgets = {
-            name: f"{len(ts)} trials of {max(t.epochs for t in ts)} epochs"
-            for name, ts in ((study, trials), (PAIRS[study], other))
-        }
-        same = len(set(budgets.values())) == 1
-        md += [
-            "",
-            "## Random vs TPE on the same budget\n",
-            f"Budgets: {study} {budgets[study]}, {PAIRS[study]} {budgets[PAIRS[study]]}"
-            + ("." if same else " (**not the same budget**: compare with care).")
-            + "\n",
-            f"Best validation accuracy reached after N trials ({study} | {PAIRS[study]}):\n",
-            *(f"- N = {n}: {mine[n - 1]:.4f} | {theirs[n - 1]:.4f}" for n in marks),
-        ]
+        md += _sampler_comparison(study, trials, other)
     md += ["", *(f"![{p}]({p})" for p in pngs), ""]
     with atomic_path(out / "search.md") as tmp:
         tmp.write_text("\n".join(md))
     return out / "search.md"
+
+
+def _write_trials_csv(trials: list[Trial], path: Path) -> None:
+    header = ["trial", "run_id", "status", "lr", "weight_decay", "best_val_acc", "best_epoch"]
+    rows = [
+        [
+            t.number,
+            t.run_id,
+            t.status,
+            t.lr,
+            t.weight_decay,
+            "" if t.objective is None else t.objective,
+            t.best_epoch or "",
+        ]
+        for t in trials
+    ]
+    write_csv(path, [header, *rows])
+
+
+def _sampler_comparison(study: str, trials: list[Trial], other: list[Trial]) -> list[str]:
+    """Markdown: this sampler against its pair on the same budget (best so far after N)."""
+    mine, theirs = best_so_far(trials), best_so_far(other)
+    marks = [n for n in (5, 10, 25, 50, 100) if n <= min(len(mine), len(theirs))]
+    budgets = {
+        name: f"{len(ts)} trials of {max(t.epochs for t in ts)} epochs"
+        for name, ts in ((study, trials), (PAIRS[study], other))
+    }
+    same = len(set(budgets.values())) == 1
+    return [
+        "",
+        "## Random vs TPE on the same budget\n",
+        f"Budgets: {study} {budgets[study]}, {PAIRS[study]} {budgets[PAIRS[study]]}"
+        + ("." if same else " (**not the same budget**: compare with care).")
+        + "\n",
+        f"Best validation accuracy reached after N trials ({study} | {PAIRS[study]}):\n",
+        *(f"- N = {n}: {mine[n - 1]:.4f} | {theirs[n - 1]:.4f}" for n in marks),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,7 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/search")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args(argv)
-    from fitscope.cli import run_cli
 
     path = run_cli(lambda: write_search_report(args.search, args.out, args.top))
     print(f"search report written to {path}")

@@ -11,88 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fitscope.errors import FitscopeError
-from fitscope.evaluate import seed_dirs
-from fitscope.fileio import atomic_path, write_csv
-from fitscope.report.plotting import pyplot, save_png
-from fitscope.stages import variant_specs
-from fitscope.tracking import where_to_look
-
-# Variants drawn as the reference curve in another study's figure (the classic plots do).
-BASELINES = {"higgs_regularization": "higgs-large", "mnist_augment": "mnist-none"}
-OVERFIT_RISE = 0.02  # late validation loss 2% above its minimum
-
-VERDICT_RULE = (
-    "**overfitting**: over the last epochs (10, or a tenth of the run if shorter) the mean "
-    "validation loss is more than 2% above its minimum while the mean training loss is below "
-    "its value at the best epoch (validation got worse as training got better); otherwise "
-    "**underfitting**: the selected model's training loss, measured in eval mode (no "
-    "dropout), is no lower than the lowest validation loss any variant of the same dataset "
-    "reached (the model fits the data it sees worse than the best model fits data it never "
-    "saw); otherwise **good fit**. Averaging over the last epochs keeps epoch-to-epoch noise "
-    "of a small validation set from deciding."
-)
-
-
-def verdict(
-    history: list[dict[str, float]], best_val_in_dataset: float, train_loss: float | None = None
-) -> str:
-    """Classify one run with the rule in ``VERDICT_RULE``.
-
-    ``train_loss`` is the selected model's eval-mode training loss; without it the
-    training loss logged at the best epoch is used.
-    """
-    best = min(range(len(history)), key=lambda i: history[i]["val/loss"])
-    val_best, train_best = history[best]["val/loss"], history[best]["train/loss"]
-    window = history[-max(1, min(10, len(history) // 10)) :]
-    if best < len(history) - 1:
-        val_late = sum(r["val/loss"] for r in window) / len(window)
-        train_late = sum(r["train/loss"] for r in window) / len(window)
-        if val_late > (1 + OVERFIT_RISE) * val_best and train_late < train_best:
-            return "overfitting"
-    if (train_best if train_loss is None else train_loss) >= best_val_in_dataset:
-        return "underfitting"
-    return "good fit"
-
-
-def own_verdict(history: list[dict[str, float]]) -> str:
-    """The verdict of one run on its own (at training time, before the report compares the
-    dataset's variants): its own lowest validation loss is the underfitting floor."""
-    return verdict(history, min(r["val/loss"] for r in history))
-
-
-def _figures(values: dict[str, float], prefix: str) -> str:
-    """``loss 0.6058, acc 0.6720, AUROC 0.7301`` from ``{prefix}loss`` etc."""
-    names = {"loss": "loss", "acc": "acc", "auroc": "AUROC"}
-    shown = [(label, values.get(prefix + key)) for key, label in names.items()]
-    return ", ".join(f"{label} {value:.4f}" for label, value in shown if value is not None)
-
-
-def describe_run(
-    variant: str,
-    profile: str,
-    verdict_: str,
-    fit: dict[str, float],
-    best: dict[str, float],
-    test: dict[str, float] | None = None,
-    provisional: bool = False,
-) -> str:
-    """A run's description for the MLflow UI (``mlflow.note.content``), in two lines.
-
-    ``fit`` holds ``fit/best_epoch``, ``fit/stopped_epoch``, ``fit/early_stopped``;
-    ``best`` the ``best/val/*`` metrics; ``test`` the ``test/*`` ones once evaluated.
-    """
-    early = "early stopping" if fit.get("fit/early_stopped") else "epoch limit"
-    basis = " (against its own best val loss; the study report compares variants)"
-    line1 = (
-        f"**{variant}** ({profile} profile): **{verdict_}**{basis if provisional else ''}. "
-        f"Selected epoch {int(fit['fit/best_epoch'])}, stopped at epoch "
-        f"{int(fit['fit/stopped_epoch'])} ({early})."
-    )
-    line2 = f"Val at the selected epoch: {_figures(best, 'best/val/')}"
-    if test:
-        line2 += f". Test: {_figures(test, 'test/')}"
-    return f"{line1}\n\n{line2}."
+from fitscope.core.errors import FitscopeError
+from fitscope.core.fileio import atomic_path, write_csv
+from fitscope.pipeline.variants import variant_specs
+from fitscope.results.figures import curve_pair, pyplot, save_png
+from fitscope.results.seeds import seed_dirs
+from fitscope.results.verdict import BASELINES, VERDICT_RULE, describe_run, figure_line, verdict
+from fitscope.tracking.registry import register_version
+from fitscope.tracking.run import RunTracker
+from fitscope.tracking.store import get_client, where_to_look
+from fitscope.tracking.tags import NOTE_TAG
 
 
 @dataclass
@@ -190,30 +118,6 @@ def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str
     return rows
 
 
-def _curve_pair(ax, hist: list[dict[str, float]], key: str, color: str, label: str) -> None:
-    """Train (dashed) and validation (solid) of one quantity, as every figure draws them."""
-    epochs = [h["epoch"] + 1 for h in hist]
-    ax.plot(epochs, [h[f"train/{key}"] for h in hist], "--", color=color, label=f"{label}train")
-    ax.plot(epochs, [h[f"val/{key}"] for h in hist], "-", color=color, label=f"{label}val")
-
-
-def run_figure(hist: list[dict[str, float]], title: str, selected: int, path: Path) -> Path:
-    """One run's learning curves: train vs validation loss and accuracy, the selected epoch
-    marked (logged with the run, drawn the way the report draws a study)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, key, name in zip(axes, ("loss", "acc"), ("loss", "accuracy"), strict=True):
-        _curve_pair(ax, hist, key, "C0", "")
-        ax.axvline(selected + 1, color="grey", lw=0.8, ls=":", label="selected epoch")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: train (dashed) vs validation (solid)", fontsize=10)
-    save_png(fig, path)
-    return path
-
-
 def _figure(results: list[VariantResult], study: str, path: Path) -> Path:
     plt = pyplot()
     members = [r for r in results if r.study == study]
@@ -222,7 +126,7 @@ def _figure(results: list[VariantResult], study: str, path: Path) -> Path:
     mnist = members[0].dataset == "mnist"
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(members):
-        _curve_pair(ax, r.histories[0], "acc" if mnist else "loss", f"C{i}", f"{r.name} ")
+        curve_pair(ax, r.histories[0], "acc" if mnist else "loss", f"C{i}", f"{r.name} ")
     ax.set_xscale("log")
     ax.set_xlabel("epoch (log scale)")
     ax.set_ylabel("accuracy" if mnist else "binary cross-entropy")
@@ -266,7 +170,6 @@ def register_champions(results: list[VariantResult], profile: str) -> dict[str, 
     """Register each dataset's best variant (lowest mean best-val-loss) under the profile's
     alias (``@champion`` for classic), with the profile, commit, variant, test metrics
     and verdict as version tags and description."""
-    from fitscope.tracking import get_client, register_version
 
     champions = {}
     client = None
@@ -292,7 +195,7 @@ def register_champions(results: list[VariantResult], profile: str) -> dict[str, 
         }
         description = (
             f"{best.name} from the {profile} profile at commit {commit[:7]}, verdict "
-            f"{best.verdicts[seed]}. Test: {_figures(test, 'test/')}; val at the selected "
+            f"{best.verdicts[seed]}. Test: {figure_line(test, 'test/')}; val at the selected "
             f"epoch {int(run['best_epoch'])}: loss {run['best_val_loss']:.4f}."
         )
         name = f"fitscope-{dataset}"
@@ -323,7 +226,6 @@ def annotate_mlflow_runs(
     with its val and test figures; each study's parent run gets the report (``files``:
     per study) and a description holding the study's comparison table.
     """
-    from fitscope.tracking import NOTE_TAG, RunTracker, get_client
 
     client = None
     parents: dict[str, set[str]] = {}
@@ -382,8 +284,7 @@ def write_study_report(
     bench.json, are not the report stage's)."""
     out = Path(out)
     results = load_results(params, Path(runs_root), Path(metrics_dir))
-    study = params.get("study") or {}
-    profile = study.get("profile", "classic")
+    profile = (params.get("study") or {}).get("profile", "classic")
     figures = {
         s: _figure(results, s, out / "figures" / f"{s}.png")
         for s in dict.fromkeys(r.study for r in results)
@@ -391,13 +292,28 @@ def write_study_report(
     _write_curves(results, out)
     champions = register_champions(results, profile)
     tables = {d: comparison_rows(results, d) for d in dict.fromkeys(r.dataset for r in results)}
+    _write_comparison_csv(tables, out / "comparison.csv")
+    seeds = max(len(r.runs) for r in results)
+    with atomic_path(out / "study.md") as tmp:
+        tmp.write_text(_markdown(profile, seeds, tables, figures, champions))
+    with atomic_path(out / "study.html") as tmp:
+        tmp.write_text(_html(profile, tables, figures, champions))
+    shared = [out / "study.md", out / "study.html", out / "comparison.csv"]
+    annotate_mlflow_runs(
+        results, profile, tables, {s: [*shared, png] for s, png in figures.items()}
+    )
+    return out / "study.md"
+
+
+def _write_comparison_csv(tables: dict[str, list[dict[str, str]]], path: Path) -> None:
     lines: list[list[str]] = []
     for dataset, rows in tables.items():  # one header row per dataset: columns differ
         lines.append(["dataset", *rows[0]])
         lines += ([dataset, *row.values()] for row in rows)
-    write_csv(out / "comparison.csv", lines)
+    write_csv(path, lines)
 
-    seeds = max(len(r.runs) for r in results)
+
+def _markdown(profile: str, seeds: int, tables: dict, figures: dict, champions: dict) -> str:
     banner = (
         ""
         if profile == "classic"
@@ -427,10 +343,10 @@ def write_study_report(
     md.append("## Registered champions\n")
     md += [f"- {d}: `{c}`" for d, c in champions.items()] or ["- none (runs were not tracked)"]
     md.append(f"\nCompare runs interactively: {where_to_look()}.\n")
-    md_text = "\n".join(md)
-    with atomic_path(out / "study.md") as tmp:
-        tmp.write_text(md_text)
+    return "\n".join(md)
 
+
+def _html(profile: str, tables: dict, figures: dict, champions: dict) -> str:
     figs_html = "".join(
         f"<h3>{html.escape(s)}</h3><img alt='{html.escape(s)}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'>"
@@ -438,17 +354,18 @@ def write_study_report(
     )
     tables_html = "".join(f"<h2>{d.upper()}</h2>{_table_html(rows)}" for d, rows in tables.items())
     champs_html = "".join(f"<li><code>{html.escape(c)}</code></li>" for c in champions.values())
-    page = (
+    demo = (
+        f"<p><b>{html.escape(profile)} profile</b>: shortened runs for a demo; not the "
+        "classic study.</p>"
+        if profile != "classic"
+        else ""
+    )
+    return (
         "<!doctype html><html><head><meta charset='utf-8'><title>fitscope study</title><style>"
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:900px}</style></head><body>"
         f"<h1>fitscope study report ({html.escape(profile)} profile)</h1>"
-        + (
-            f"<p><b>{html.escape(profile)} profile</b>: shortened runs for a demo; not the "
-            "classic study.</p>"
-            if profile != "classic"
-            else ""
-        )
+        + demo
         + f"<p>Verdict rule: {html.escape(VERDICT_RULE.replace('**', ''))}</p>"
         + tables_html
         + "<h2>Learning curves</h2>"
@@ -456,10 +373,3 @@ def write_study_report(
         + f"<h2>Registered champions</h2><ul>{champs_html or '<li>none</li>'}</ul>"
         + "</body></html>"
     )
-    with atomic_path(out / "study.html") as tmp:
-        tmp.write_text(page)
-    shared = [out / "study.md", out / "study.html", out / "comparison.csv"]
-    annotate_mlflow_runs(
-        results, profile, tables, {s: [*shared, png] for s, png in figures.items()}
-    )
-    return out / "study.md"

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fitscope.report.study import champion, comparison_rows, load_results, registry_alias
-from fitscope.tracking import where_to_look
+from fitscope.tracking.store import where_to_look
 
 # The terminal shows these columns of the report's table (the report has them all).
 COLUMNS = (

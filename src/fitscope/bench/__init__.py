@@ -1,0 +1,4 @@
+"""`make bench`: measurements side by side, merged into reports/bench.json.
+
+Sits on top.
+"""

@@ -1,0 +1,39 @@
+"""reports/bench.json: figures merged in atomically, and the table printed beside the goals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fitscope.core.fileio import write_json
+
+BENCH_JSON = Path("reports/bench.json")
+
+
+def record(figures: dict[str, Any], path: Path = BENCH_JSON) -> dict[str, Any]:
+    """Merge ``figures`` into the JSON file at ``path`` (other benchmarks add their own keys)
+    and return the whole content. Written atomically."""
+
+    content = json.loads(path.read_text()) if path.is_file() else {}
+    content.update(figures)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, content)
+    return content
+
+
+GOALS = {
+    "large_lightning_over_plain": "<= 1.05",
+    "large_efficiency": ">= 0.8",
+    "tracking_overhead": "<= 0.02",
+    "checkpoint_overhead": "<= 0.01",
+    "study_minutes": "<= 9",
+}
+
+
+def print_table(figures: dict[str, Any]) -> None:
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        goal = f"  (goal {GOALS[key]})" if key in GOALS else ""
+        print(f"  {key:<{width}}  {shown}{goal}")

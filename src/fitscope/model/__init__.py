@@ -1,0 +1,4 @@
+"""The MLP and its metrics (torch and torchmetrics).
+
+Imports only fitscope.core.
+"""

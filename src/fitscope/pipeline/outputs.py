@@ -1,0 +1,117 @@
+"""What a finished fit leaves: history.csv, model.pt, metrics.json (written last: its
+presence means the run, its outputs and its tracking are complete), and the run's record
+in MLflow (summary, dataset, verdict, files, model), which ends the run FINISHED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fitscope.core.fileio import atomic_path, write_json
+from fitscope.model.mlp import ProbabilityModel
+from fitscope.pipeline.identity import finite_value
+from fitscope.results.contract import metrics_file_key
+from fitscope.results.figures import run_figure
+from fitscope.results.verdict import describe_run, own_verdict
+from fitscope.training.fit import FitResult
+
+log = logging.getLogger(__name__)
+
+RESUME_RUN_FILE = "mlflow_run.json"  # beside last.ckpt: the MLflow run the checkpoint belongs to
+
+
+def write_outputs(
+    cfg: DictConfig, dm, run_dir: Path, tracker, result: FitResult, hardware: dict[str, Any]
+) -> float:
+    """Write the run's files and record, end its MLflow run; return the objective.
+
+    A selected epoch without a finite objective (validation diverged) is a failed run:
+    refused before any output is written, so no model.pt or metrics.json claims success.
+    ``hardware``: the resolved ``precision`` and ``num_threads``, recorded in metrics.json.
+    """
+    value = finite_value(result.row[cfg.objective], cfg.objective)
+    summary = result.summary()
+    _save_files(cfg, run_dir, result)
+    metrics: dict[str, Any] = {metrics_file_key(k): v for k, v in summary.items()}
+    metrics |= {"seed": cfg.seed, **hardware}
+    if tracker is not None:
+        metrics |= _track(cfg, dm, tracker, result, summary, run_dir, metrics)
+    # Written last: a metrics.json means the run, its outputs and its tracking are complete.
+    write_json(run_dir / "metrics.json", metrics)
+    log.info(
+        "%s: best epoch %d, %s=%.4f (stopped at %d, %.1fs)",
+        cfg.variant,
+        result.selected,
+        cfg.objective,
+        value,
+        result.stopped,
+        result.wall_s,
+    )
+    return value
+
+
+def _save_files(cfg: DictConfig, run_dir: Path, result: FitResult) -> None:
+    import torch
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result.history_csv(run_dir / "history.csv")
+    if cfg.callbacks.checkpoint.save_best:
+        with atomic_path(run_dir / "model.pt") as tmp:
+            state = {
+                "state_dict": result.model.state_dict(),
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            }
+            torch.save(state, tmp)
+
+
+def _track(
+    cfg: DictConfig, dm, tracker, result: FitResult, summary: dict, run_dir: Path, metrics: dict
+) -> dict[str, Any]:
+    """The run's record in MLflow, ended FINISHED; what metrics.json adds about it."""
+    added: dict[str, Any] = {"mlflow_run_id": tracker.run_id}
+    log_run_record(cfg, dm, tracker, result.rows, summary, run_dir)
+    if cfg.logger.log_model:
+        info = tracker.log_model(
+            ProbabilityModel(result.model, cfg.data.task),
+            dm.tensors["val"][0][:5].numpy(),
+            step=result.selected,
+            registered_name=cfg.logger.registered_model,
+        )
+        if info is not None:  # None: the model waits in the pending record
+            added["mlflow_model_uri"] = info.model_uri
+    tracker.log_dict({**metrics, **added}, "metrics.json")
+    tracker.finish()
+    if tracker.pending:  # the run id comes with `fitscope runs sync`
+        added["mlflow_sync_id"] = tracker.record.sync_id
+    return added
+
+
+def log_run_record(
+    cfg: DictConfig, dm, tracker, rows: list[dict[str, float]], summary: dict[str, float], run_dir
+) -> None:
+    """Everything a reviewer reads in the MLflow UI besides the curves: summary metrics at
+    the selected epoch, the dataset, the verdict and description, and the run's files."""
+    selected = int(summary["fit/best_epoch"])
+    tracker.log_summary(summary, step=selected)
+    manifest = json.loads(dm.manifest_path.read_text())
+    tracker.log_dataset(
+        name=cfg.data.name,
+        source=str(Path(cfg.data.dir).resolve()),
+        digest=dm.manifest_sha256(),
+        profile={s: v.get("rows") for s, v in manifest.get("splits", {}).items()},
+        context="training",
+    )
+    verdict = own_verdict(rows)
+    note = describe_run(cfg.variant, cfg.profile, verdict, summary, summary, provisional=True)
+    tracker.set_tags({"fitscope.verdict": verdict, "mlflow.note.content": note})
+    tracker.log_artifact(run_dir / "history.csv")
+    tracker.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/resolved.yaml")
+    if (run_dir / ".hydra").is_dir():
+        tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
+    figure = run_figure(rows, cfg.variant, selected, run_dir / "learning_curves.png")
+    tracker.log_artifact(figure)

@@ -1,7 +1,0 @@
-"""``python -m fitscope.report``: the ``fitscope report`` command (writes, then prints)."""
-
-import sys
-
-from fitscope.cli import main
-
-main(["report", *sys.argv[1:]])

@@ -1,0 +1,4 @@
+"""The metrics.json contract, the seed averages, the verdict rule and the figures.
+
+Imports only fitscope.core.
+"""

@@ -1,0 +1,50 @@
+"""Figures for the reports: a headless pyplot and crash-safe PNG writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fitscope.core.fileio import atomic_path
+
+
+def run_figure(hist: list[dict[str, float]], title: str, selected: int, path: Path) -> Path:
+    """One run's learning curves: train vs validation loss and accuracy, the selected epoch
+    marked (logged with the run, drawn the way the report draws a study)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, name in zip(axes, ("loss", "acc"), ("loss", "accuracy"), strict=True):
+        curve_pair(ax, hist, key, "C0", "")
+        ax.axvline(selected + 1, color="grey", lw=0.8, ls=":", label="selected epoch")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: train (dashed) vs validation (solid)", fontsize=10)
+    save_png(fig, path)
+    return path
+
+
+def curve_pair(ax, hist: list[dict[str, float]], key: str, color: str, label: str) -> None:
+    """Train (dashed) and validation (solid) of one quantity, as every figure draws them."""
+    epochs = [h["epoch"] + 1 for h in hist]
+    ax.plot(epochs, [h[f"train/{key}"] for h in hist], "--", color=color, label=f"{label}train")
+    ax.plot(epochs, [h[f"val/{key}"] for h in hist], "-", color=color, label=f"{label}val")
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically, and close it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    pyplot().close(fig)

@@ -1,0 +1,80 @@
+"""The overfitting verdict of a run (the rule, stated once) and the run's one-paragraph
+description for the MLflow UI.
+"""
+
+from __future__ import annotations
+
+# Variants drawn as the reference curve in another study's figure (the classic plots do).
+BASELINES = {"higgs_regularization": "higgs-large", "mnist_augment": "mnist-none"}
+OVERFIT_RISE = 0.02  # late validation loss 2% above its minimum
+VERDICT_RULE = (
+    "**overfitting**: over the last epochs (10, or a tenth of the run if shorter) the mean "
+    "validation loss is more than 2% above its minimum while the mean training loss is below "
+    "its value at the best epoch (validation got worse as training got better); otherwise "
+    "**underfitting**: the selected model's training loss, measured in eval mode (no "
+    "dropout), is no lower than the lowest validation loss any variant of the same dataset "
+    "reached (the model fits the data it sees worse than the best model fits data it never "
+    "saw); otherwise **good fit**. Averaging over the last epochs keeps epoch-to-epoch noise "
+    "of a small validation set from deciding."
+)
+
+
+def verdict(
+    history: list[dict[str, float]], best_val_in_dataset: float, train_loss: float | None = None
+) -> str:
+    """Classify one run with the rule in ``VERDICT_RULE``.
+
+    ``train_loss`` is the selected model's eval-mode training loss; without it the
+    training loss logged at the best epoch is used.
+    """
+    best = min(range(len(history)), key=lambda i: history[i]["val/loss"])
+    val_best, train_best = history[best]["val/loss"], history[best]["train/loss"]
+    window = history[-max(1, min(10, len(history) // 10)) :]
+    if best < len(history) - 1:
+        val_late = sum(r["val/loss"] for r in window) / len(window)
+        train_late = sum(r["train/loss"] for r in window) / len(window)
+        if val_late > (1 + OVERFIT_RISE) * val_best and train_late < train_best:
+            return "overfitting"
+    if (train_best if train_loss is None else train_loss) >= best_val_in_dataset:
+        return "underfitting"
+    return "good fit"
+
+
+def own_verdict(history: list[dict[str, float]]) -> str:
+    """The verdict of one run on its own (at training time, before the report compares the
+    dataset's variants): its own lowest validation loss is the underfitting floor."""
+    return verdict(history, min(r["val/loss"] for r in history))
+
+
+def figure_line(values: dict[str, float], prefix: str) -> str:
+    """``loss 0.6058, acc 0.6720, AUROC 0.7301`` from ``{prefix}loss`` etc."""
+    names = {"loss": "loss", "acc": "acc", "auroc": "AUROC"}
+    shown = [(label, values.get(prefix + key)) for key, label in names.items()]
+    return ", ".join(f"{label} {value:.4f}" for label, value in shown if value is not None)
+
+
+def describe_run(
+    variant: str,
+    profile: str,
+    verdict_: str,
+    fit: dict[str, float],
+    best: dict[str, float],
+    test: dict[str, float] | None = None,
+    provisional: bool = False,
+) -> str:
+    """A run's description for the MLflow UI (``mlflow.note.content``), in two lines.
+
+    ``fit`` holds ``fit/best_epoch``, ``fit/stopped_epoch``, ``fit/early_stopped``;
+    ``best`` the ``best/val/*`` metrics; ``test`` the ``test/*`` ones once evaluated.
+    """
+    early = "early stopping" if fit.get("fit/early_stopped") else "epoch limit"
+    basis = " (against its own best val loss; the study report compares variants)"
+    line1 = (
+        f"**{variant}** ({profile} profile): **{verdict_}**{basis if provisional else ''}. "
+        f"Selected epoch {int(fit['fit/best_epoch'])}, stopped at epoch "
+        f"{int(fit['fit/stopped_epoch'])} ({early})."
+    )
+    line2 = f"Val at the selected epoch: {figure_line(best, 'best/val/')}"
+    if test:
+        line2 += f". Test: {figure_line(test, 'test/')}"
+    return f"{line1}\n\n{line2}."
