@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -73,25 +74,32 @@ def build_mlp(
     return model
 
 
-def build_mlp_from_config(
-    cfg: Mapping[str, Any], in_features: int, init: str | None = None
-) -> nn.Sequential:
-    """``build_mlp`` from a composed config's ``data``, ``model`` and ``regularization``.
+def build_mlp_for(data: Any, model: Any, reg: Any, in_features: int, init: str | None = None):
+    """``build_mlp`` from the typed ``data``, ``model`` and ``regularization`` sections of
+    the config (fitscope.pipeline.schema), as a run trains it.
 
     ``init`` overrides ``model.init`` (e.g. ``torch_default`` before loading weights).
     """
-    data, model, reg = cfg["data"], cfg["model"], cfg["regularization"]
-    outputs = 1 if data["task"] == "binary" else data["num_classes"]
+    outputs = 1 if data.task == "binary" else data.num_classes
     return build_mlp(
         in_features,
         outputs,
-        width=model["width"],
-        depth=model["depth"],
-        activation=model["activation"],
-        dropout=reg["dropout"],
-        batchnorm=reg["batchnorm"],
-        init=init or model["init"],
+        width=model.width,
+        depth=model.depth,
+        activation=model.activation,
+        dropout=reg.dropout,
+        batchnorm=reg.batchnorm,
+        init=init or model.init,
     )
+
+
+def build_mlp_from_config(
+    cfg: Mapping[str, Any], in_features: int, init: str | None = None
+) -> nn.Sequential:
+    """The MLP of a saved resolved config (model.pt's ``config``, a pending record's), a
+    plain mapping read back from a file: :func:`build_mlp_for` on its sections."""
+    sections = (SimpleNamespace(**cfg[k]) for k in ("data", "model", "regularization"))
+    return build_mlp_for(*sections, in_features, init=init)
 
 
 def _initialize(model: nn.Module, init: str) -> None:

@@ -27,7 +27,7 @@ from fitscope.pipeline.lifecycle import (
     signal_name,
 )
 from fitscope.pipeline.outputs import RESUME_RUN_FILE, write_outputs
-from fitscope.pipeline.schema import check
+from fitscope.pipeline.schema import TrainConfig, check
 from fitscope.tracking.parents import close_parent
 from fitscope.tracking.tags import config_hash
 from fitscope.training.callbacks import InterruptWatch
@@ -39,13 +39,14 @@ from fitscope.training.threads import resolve_num_threads
 log = logging.getLogger(__name__)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Refuse a bad composed config before any work starts (one clear error).
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Refuse a bad composed config before any work starts (one clear error); return it
+    typed (the schema's dataclasses), which the builders downstream take.
 
-    The schema (fitscope.schema) checks every key; this adds what depends on the
+    The schema (fitscope.pipeline.schema) checks every key; this adds what depends on the
     machine, such as a GPU being there.
     """
-    check(cfg)
+    typed = check(cfg)
     if cfg.trainer.accelerator == "gpu":
         import torch
 
@@ -54,6 +55,7 @@ def validate(cfg: DictConfig) -> None:
                 f"trainer=gpu but torch {torch.__version__} sees no CUDA GPU. Fix: use "
                 "trainer=cpu, or a machine with a GPU and a CUDA build of torch"
             )
+    return typed
 
 
 def train(cfg: DictConfig) -> float:
@@ -63,7 +65,7 @@ def train(cfg: DictConfig) -> float:
     that a live run holds, or that a FINISHED run has (unless ``force``), is skipped with
     one line. SIGINT/SIGTERM end the run KILLED and raise ``lifecycle.Interrupted``.
     """
-    validate(cfg)
+    typed = validate(cfg)
     run_dir = Path(cfg.paths.run_dir)
     check_writable_dir(run_dir, "paths.run_dir")  # before training, not after it
     guard = JobGuard()
@@ -79,7 +81,7 @@ def train(cfg: DictConfig) -> float:
     )
     try:
         with guard:
-            value = _claim_and_fit(cfg, guard, watch, opened, chash, run_dir)
+            value = _claim_and_fit(cfg, typed, guard, watch, opened, chash, run_dir)
             opened.outcome = "ok"
             return value
     except BaseException as exc:
@@ -89,7 +91,7 @@ def train(cfg: DictConfig) -> float:
         _close(cfg, opened)
 
 
-def _datamodule(cfg: DictConfig) -> ArrayDataModule:
+def _datamodule(cfg: TrainConfig) -> ArrayDataModule:
     dm = ArrayDataModule(
         cfg.data.dir,
         task=cfg.data.task,
@@ -103,9 +105,12 @@ def _datamodule(cfg: DictConfig) -> ArrayDataModule:
     return dm
 
 
-def _claim_and_fit(cfg, guard, watch, opened: OpenedRun, chash: str, run_dir: Path) -> float:
-    """Claim the config (or skip it), resume or start its fit, and write what it leaves."""
-    dm = _datamodule(cfg)
+def _claim_and_fit(
+    cfg, typed: TrainConfig, guard, watch, opened: OpenedRun, chash: str, run_dir: Path
+) -> float:
+    """Claim the config (or skip it), resume or start its fit, and write what it leaves.
+    ``cfg`` is the composed DictConfig (hashed, recorded); ``typed`` what builders take."""
+    dm = _datamodule(typed)
     if cfg.logger.name == "mlflow":
         skipped = claim_or_resume(cfg, dm, guard, opened)
         if skipped is not None:
@@ -122,7 +127,7 @@ def _claim_and_fit(cfg, guard, watch, opened: OpenedRun, chash: str, run_dir: Pa
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_json(ckpt_dir / RESUME_RUN_FILE, {"run_id": tracker.run_id})
     result = fit_run(
-        cfg,
+        typed,
         dm,
         run_dir,
         sink=tracker,

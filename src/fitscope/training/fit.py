@@ -12,16 +12,14 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from fitscope.core.errors import FitscopeError
 from fitscope.core.progress import LineProgress
 from fitscope.model.metrics import test_scores
-from fitscope.model.mlp import build_mlp_from_config, count_parameters
+from fitscope.model.mlp import build_mlp_for, count_parameters
 from fitscope.training.callbacks import (
     EpochHistory,
     EpochProgress,
@@ -34,6 +32,10 @@ from fitscope.training.module import FitModule
 from fitscope.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
+
+# The typed config the schema returns (fitscope.pipeline.schema.TrainConfig: dataclasses,
+# defined in the pipeline layer above this one, so named here by its shape only).
+TrainConfig = Any
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Watchers:
 
 
 def fit_run(
-    cfg: DictConfig,
+    cfg: TrainConfig,
     dm,
     run_dir: Path,
     *,
@@ -106,6 +108,8 @@ def fit_run(
 ) -> FitResult:
     """Train ``cfg``'s model on ``dm``; epochs after ``logged_through`` go to ``sink``.
 
+    ``cfg``: the typed config the schema returned (``schema.check``), not the raw DictConfig.
+
     ``live_progress``: False for plain progress lines (sweep workers share a terminal),
     None to decide by the terminal. ``resume_from``: a Lightning checkpoint to continue.
     """
@@ -115,7 +119,7 @@ def fit_run(
     torch.set_num_threads(num_threads)
     _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    mlp = build_mlp_from_config(cfg, dm.num_features)
+    mlp = build_mlp_for(cfg.data, cfg.model, cfg.regularization, dm.num_features)
     module = _module(cfg, mlp, steps=len(dm.train_dataloader()))
     watch = _watchers(cfg, extra_callbacks, live_progress)
     if sink is not None:
@@ -141,7 +145,7 @@ def _quiet_lightning() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-def _module(cfg: DictConfig, mlp, steps: int) -> FitModule:
+def _module(cfg: TrainConfig, mlp, steps: int) -> FitModule:
     reg = cfg.regularization
     return FitModule(
         mlp,
@@ -149,14 +153,14 @@ def _module(cfg: DictConfig, mlp, steps: int) -> FitModule:
         num_classes=cfg.data.num_classes,
         l2=reg.l2,
         l2_include_output=reg.l2_include_output,
-        optimizer=OmegaConf.to_container(cfg.optimizer),
-        scheduler=OmegaConf.to_container(cfg.scheduler),
+        optimizer=asdict(cfg.optimizer),
+        scheduler=asdict(cfg.scheduler),
         steps_per_epoch=steps,
         monitor=cfg.callbacks.early_stopping.monitor,
     )
 
 
-def _watchers(cfg: DictConfig, extra: tuple, live_progress: bool | None) -> Watchers:
+def _watchers(cfg: TrainConfig, extra: tuple, live_progress: bool | None) -> Watchers:
     """History, restore-best-weights, early stopping and the progress line, in that order
     (the progress line reads the best epoch and patience the two before it just set)."""
     from pytorch_lightning.callbacks import EarlyStopping
@@ -192,13 +196,13 @@ def _watchers(cfg: DictConfig, extra: tuple, live_progress: bool | None) -> Watc
     return Watchers(history, restore, early, callbacks)
 
 
-def checkpointing(cfg: DictConfig) -> bool:
+def checkpointing(cfg: TrainConfig) -> bool:
     """Whether the run writes resume checkpoints (``callbacks.checkpoint.every_*``)."""
     ckpt = cfg.callbacks.checkpoint
     return ckpt.every_s is not None or ckpt.every_epochs is not None
 
 
-def _checkpoint(cfg: DictConfig, ckpt_dir: Path) -> list[PeriodicCheckpoint]:
+def _checkpoint(cfg: TrainConfig, ckpt_dir: Path) -> list[PeriodicCheckpoint]:
     """The resume checkpoint callback, when ``callbacks.checkpoint`` asks for one."""
     ckpt = cfg.callbacks.checkpoint
     if not checkpointing(cfg):
@@ -211,7 +215,7 @@ def _checkpoint(cfg: DictConfig, ckpt_dir: Path) -> list[PeriodicCheckpoint]:
     ]
 
 
-def _trainer(cfg: DictConfig, callbacks: list, precision: str, run_dir: Path):
+def _trainer(cfg: TrainConfig, callbacks: list, precision: str, run_dir: Path):
     return build_trainer(
         callbacks,
         max_epochs=cfg.trainer.max_epochs,
@@ -253,7 +257,7 @@ def _fit(trainer, module, dm, strategy: str, threads: int, resume_from, returned
     return wall
 
 
-def _result(cfg: DictConfig, dm, mlp, trainer, watch: Watchers, wall: float) -> FitResult:
+def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) -> FitResult:
     rows = watch.history.rows
     selected = rows[-1]["epoch"]
     if watch.restore is not None and watch.restore.best_epoch is not None:
