@@ -107,3 +107,23 @@ def test_a_sweeps_exit_line_is_decided_from_its_failed_jobs():
     assert none_done.startswith(
         "fitscope: error: every job of the sweep failed (MLflow parent run p"
     )
+
+
+def test_logging_the_model_does_not_end_the_run(mlflow_uri):
+    """Only end_run ends a run: logging the model (the step before it) leaves it RUNNING,
+    with the model in the run's own experiment, found by its run."""
+    import numpy as np
+
+    from fitscope.model.mlp import ProbabilityModel, build_mlp
+    from fitscope.tracking.run import RunTracker
+
+    client = get_client(mlflow_uri)
+    exp = ensure_experiment(client, "t_log_model")
+    tracker = RunTracker.create(client, exp, "m", {}, {})
+    model = ProbabilityModel(build_mlp(3, 1, width=4, depth=1), "binary")
+    info = tracker.log_model(model, np.zeros((2, 3), dtype=np.float32), step=0)
+    assert client.get_run(tracker.run_id).info.status == "RUNNING"
+    found = client.search_logged_models([exp], filter_string=f"source_run_id = '{tracker.run_id}'")
+    assert [m.model_id for m in found] == [info.model_id]
+    tracker.finish()
+    assert client.get_run(tracker.run_id).info.status == FINISHED

@@ -172,9 +172,3 @@ def higgs_blocks(
         raise FitscopeError(f"{path} holds no rows. {fix} (the file is corrupt or not HIGGS)")
     if sha256 is not None:
         sha256["file"] = reader.digest.hexdigest()
-
-
-def read_higgs_csv(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Parse a whole HIGGS CSV(.gz) in memory: float32 features (n, 28), int64 labels (n,)."""
-    data = np.concatenate([block for _, block in higgs_blocks(path)])
-    return np.ascontiguousarray(data[:, 1:]), data[:, 0].astype(np.int64)

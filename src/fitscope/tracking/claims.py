@@ -11,7 +11,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fitscope.tracking import liveness
-from fitscope.tracking.liveness import Reconciled, dead_reason, owner_tags, reconcile
+from fitscope.tracking.liveness import (
+    Reconciled,
+    create_owned_run,
+    dead_reason,
+    own_run,
+    reconcile,
+)
 from fitscope.tracking.outcomes import KILLED, RUNNING, Outcome, end_run
 from fitscope.tracking.run import RunTracker
 from fitscope.tracking.store import (
@@ -93,8 +99,8 @@ def claim_run(
         if blocker is not None:
             blocker.reconciled = reconciled
             return blocker
-        run_tags = {**tags, CONFIG_HASH_TAG: chash, **owner_tags()}
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+        run_tags = {**tags, CONFIG_HASH_TAG: chash}
+        run_id = create_owned_run(client, experiment_id, run_name, run_tags)
         if settle_s:
             time.sleep(settle_s)
             blocker = _blocker(client, experiment_id, chash, force, mine=run_id)
@@ -105,7 +111,7 @@ def claim_run(
                 client.delete_run(run_id)
                 blocker.reconciled = reconciled
                 return blocker
-    liveness.heartbeats.add(client, run_id)
+    own_run(client, run_id)
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
     return Claim(tracker=RunTracker(client, run_id), reconciled=reconciled)
 
@@ -118,7 +124,6 @@ def take_over(client, claim: RunTracker, run_id: str, chash: str, monitor: str):
     tracker and the last epoch it logged (-1 if none), or None (and nothing changes) when
     that run is not a KILLED run of this config.
     """
-    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     try:
@@ -129,11 +134,9 @@ def take_over(client, claim: RunTracker, run_id: str, chash: str, monitor: str):
         return None
     # Owner tags and heartbeat first: a reconcile elsewhere that sees it RUNNING sees us.
     resumed = f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} (claim {claim.run_id})"
-    tags = [RunTag(k, v) for k, v in owner_tags().items()]
-    client.log_batch(run_id, tags=[*tags, RunTag(f"{TAG}resumed", resumed)])
+    own_run(client, run_id, {f"{TAG}resumed": resumed})
     if FAILURE_TAG in old.data.tags:
         client.delete_tag(run_id, FAILURE_TAG)
-    liveness.heartbeats.add(client, run_id)
     client.update_run(run_id, status=RUNNING)
     liveness.heartbeats.discard(claim.run_id)
     end_run(client, claim.run_id, Outcome(KILLED, f"replaced by the resumed run {run_id}"))

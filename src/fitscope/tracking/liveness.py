@@ -180,3 +180,21 @@ class Heartbeats:
 
 
 heartbeats = Heartbeats()
+
+
+def create_owned_run(client, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """A new RUNNING run owned by this process (its owner tags); the run id. Its heartbeat
+    starts with :func:`own_run` once the caller keeps it."""
+    run_tags = {**tags, **owner_tags()}
+    return client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+
+
+def own_run(client, run_id: str, tags: dict[str, str] | None = None) -> None:
+    """This process owns ``run_id`` now (an existing run taken over gets its owner tags
+    and ``tags`` first): its heartbeat runs until the run ends."""
+    from mlflow.entities import RunTag
+
+    if tags is not None:
+        everything = {**owner_tags(), **tags}
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in everything.items()])
+    heartbeats.add(client, run_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fitscope.tracking import liveness
-from fitscope.tracking.liveness import owner_tags, reconcile
+from fitscope.tracking.liveness import create_owned_run, own_run, reconcile
 from fitscope.tracking.outcomes import (
     FAILED,
     FINISHED,
@@ -51,16 +51,12 @@ def find_or_create_parent(
             for stale in (FAILURE_TAG, RECONCILED_TAG):
                 if stale in runs[0].data.tags:
                     client.delete_tag(run_id, stale)
-            from mlflow.entities import RunTag
-
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner_tags().items()])
-        else:
-            run_tags = {f"{TAG}parent_key": key, f"{TAG}role": "parent", **(tags or {})}
-            run_id = client.create_run(
-                experiment_id, run_name=run_name, tags={**run_tags, **owner_tags()}
-            ).info.run_id
-            run_id = _oldest_parent(client, experiment_id, key, run_id)
-    liveness.heartbeats.add(client, run_id)
+            own_run(client, run_id, {})
+            return run_id
+        run_tags = {f"{TAG}parent_key": key, f"{TAG}role": "parent", **(tags or {})}
+        run_id = create_owned_run(client, experiment_id, run_name, run_tags)
+        run_id = _oldest_parent(client, experiment_id, key, run_id)
+    own_run(client, run_id)
     return run_id
 
 

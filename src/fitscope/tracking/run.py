@@ -5,15 +5,18 @@ server cannot take them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fitscope.core.errors import first_line
 from fitscope.tracking import liveness
-from fitscope.tracking.liveness import owner_tags
+from fitscope.tracking.liveness import create_owned_run, own_run
 from fitscope.tracking.offline import PendingRecord, spool_dir
 from fitscope.tracking.outcomes import FAILED, FINISHED, Outcome, end_run
 from fitscope.tracking.store import is_server, unreachable
@@ -59,9 +62,8 @@ class RunTracker:
     ) -> RunTracker:
         from mlflow.entities import Param
 
-        run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **owner_tags()})
-        tracker = cls(client, run.info.run_id)
-        liveness.heartbeats.add(client, tracker.run_id)
+        tracker = cls(client, create_owned_run(client, experiment_id, run_name, tags))
+        own_run(client, tracker.run_id)
         client.log_batch(
             tracker.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         )
@@ -205,9 +207,11 @@ class RunTracker:
                 output = model(torch.from_numpy(example)).numpy()
             mlflow.set_tracking_uri(self.client.tracking_uri)
             mlflow.set_registry_uri(self.client.tracking_uri)
-            # Logging the model is the run's last step: leaving this block ends the run
-            # (FINISHED, or FAILED if logging raised).
-            with mlflow.start_run(run_id=self.run_id):
+            # Logged to the run by id, with no active run: `mlflow.start_run` would end the
+            # run on leaving its block, and only outcomes.end_run ends a run. Without an
+            # active run MLflow puts the LoggedModel in $MLFLOW_EXPERIMENT_ID: the run's.
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            with _environment(MLFLOW_EXPERIMENT_ID=experiment_id):
                 # pip_requirements given explicitly: inferring them costs ~8 s per model.
                 info = mlflow.pytorch.log_model(
                     model,
@@ -217,6 +221,7 @@ class RunTracker:
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                     registered_model_name=registered_name,
                     step=step,
+                    run_id=self.run_id,
                 )
 
         if not self._send("logging the model", upload):
@@ -266,3 +271,18 @@ def open_record(
     )
     record.update(params={k: str(v)[:6000] for k, v in params.items()}, tags=dict(tags))
     return record
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block only (restored whatever happens)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
