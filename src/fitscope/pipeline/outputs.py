@@ -59,7 +59,7 @@ def _save_files(cfg: DictConfig, run_dir: Path, result: FitResult) -> None:
     import torch
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    result.history_csv(run_dir / "history.csv")
+    result.history.write_csv(run_dir / "history.csv")
     if cfg.callbacks.checkpoint.save_best:
         with atomic_path(run_dir / "model.pt") as tmp:
             state = {

@@ -231,7 +231,9 @@ class RunTracker:
 
     def _close(self, outcome: Outcome) -> None:
         liveness.heartbeats.discard(self.run_id)
-        if self.record is not None:
+        if self.record is not None:  # the record ends as the run does (fitscope runs sync)
+            if outcome.reason is not None:
+                self.record.data["tags"][FAILURE_TAG] = outcome.reason
             self.record.update(status=outcome.status, end_time=int(time.time() * 1000))
         self._send("closing the run", lambda: end_run(self.client, self.run_id, outcome))
         if self.record is not None and not self.offline:
@@ -245,8 +247,7 @@ class RunTracker:
         """End the run as FAILED (or KILLED) with the reason in the ``fitscope.failure`` tag."""
         if self.closed:
             return
-        self.set_tags({FAILURE_TAG: reason[:8000]})  # also into a pending record
-        self._close(Outcome(status, reason))
+        self._close(Outcome(status, reason[:8000]))  # end_run tags the reason
 
 
 def open_record(

@@ -42,7 +42,7 @@ TrainConfig = Any
 class FitResult:
     """What one fit found: the epoch history, the selected epoch and its scores."""
 
-    rows: list[dict[str, float]]
+    history: EpochHistory  # one row of metrics an epoch
     selected: int  # the restored best epoch, or the last one without restore
     stopped: int
     early_stopped: bool
@@ -50,11 +50,9 @@ class FitResult:
     model: Any  # the MLP on the CPU, eval mode, holding the selected epoch's weights
     scores: dict[str, float]  # held-out test metrics, and train_eval_loss
 
-    def history_csv(self, path: Path) -> None:
-        """The epoch history as CSV, one row an epoch (the columns of the first row)."""
-        history = EpochHistory()
-        history.rows = self.rows
-        history.write_csv(path)
+    @property
+    def rows(self) -> list[dict[str, float]]:
+        return self.history.rows
 
     @property
     def row(self) -> dict[str, float]:
@@ -277,7 +275,7 @@ def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) ->
     )
     early = watch.early
     return FitResult(
-        rows=rows,
+        history=watch.history,
         selected=selected,
         stopped=rows[-1]["epoch"],
         early_stopped=early is not None and early.stopped_epoch > 0,
