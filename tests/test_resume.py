@@ -36,6 +36,26 @@ def weights(run_dir):
     return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
 
+def kill_after_first_checkpoint(args: list[str], cwd, mlflow_uri: str, study: str):
+    """Start a run and SIGKILL it once its first checkpoint is written; the checkpoint."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitscope.train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (found := list(cwd.glob(f"checkpoints/{study}/*/last.ckpt"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
+    proc.wait()
+    return found[0]
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(
     processed_dir, tmp_path, mlflow_uri
@@ -47,21 +67,7 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(
     assert base.returncode == 0, base.stderr
 
     args = [*common, "study=t_resume", f"paths.run_dir={tmp_path / 'resumed'}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fitscope.train", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while not list(tmp_path.glob("checkpoints/t_resume/*/last.ckpt")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
-    proc.wait()
+    kill_after_first_checkpoint(args, tmp_path, mlflow_uri, "t_resume")
 
     again = run_train(args, tmp_path, mlflow_uri)
     assert again.returncode == 0, again.stderr
@@ -87,3 +93,46 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(
     assert runs[0].data.metrics["fit/best_epoch"] == base_runs[0].data.metrics["fit/best_epoch"]
     # The finished run's checkpoint is removed (callbacks.checkpoint.keep=false).
     assert not list(tmp_path.glob("checkpoints/t_resume/*/last.ckpt"))
+
+
+CORRUPTIONS = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "random": lambda data: os.urandom(len(data)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_an_unreadable_checkpoint_is_set_aside_and_the_run_trains_from_scratch(
+    processed_dir, tmp_path, mlflow_uri, corruption
+):
+    args = [
+        f"paths.data_dir={processed_dir}",
+        *ARGS,
+        "study=t_corrupt",
+        f"paths.run_dir={tmp_path / 'run'}",
+    ]
+    ckpt = kill_after_first_checkpoint(args, tmp_path, mlflow_uri, "t_corrupt")
+    ckpt.write_bytes(CORRUPTIONS[corruption](ckpt.read_bytes()))
+
+    again = run_train(args, tmp_path, mlflow_uri)
+    assert again.returncode == 0, again.stderr
+    output = again.stdout + again.stderr
+    assert "Traceback" not in output
+    warned = [line for line in output.splitlines() if "cannot be resumed from" in line]
+    shown = ckpt.relative_to(tmp_path)  # as the run names it: relative to its directory
+    assert len(warned) == 1 and f"checkpoint {shown} cannot" in warned[0], output
+    assert "weights_only=False" not in output  # torch's unsafe advice is not passed on
+    aside = list(ckpt.parent.parent.glob(f"{ckpt.parent.name}.unreadable-*.ckpt"))
+    assert len(aside) == 1 and f"Set aside as {aside[0].relative_to(tmp_path)};" in warned[0]
+    assert "resuming" not in output
+    assert history(tmp_path / "run")[0]["epoch"] == "0"  # trained from the first epoch
+
+    # The record: the killed run stays KILLED, a new run finished the config.
+    client = get_client(mlflow_uri)
+    _, runs = runs_of(client, "t_corrupt")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    finished = next(r for r in runs if r.info.status == "FINISHED")
+    steps = [m.step for m in client.get_metric_history(finished.info.run_id, "val/loss")]
+    assert sorted(steps) == list(range(len(history(tmp_path / "run"))))

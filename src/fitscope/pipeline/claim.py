@@ -43,6 +43,7 @@ from fitscope.tracking.tags import (
     source_tags,
     sweep_parents,
 )
+from fitscope.training.checkpoints import set_aside_if_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,15 @@ def resume_point(cfg: DictConfig, chash: str, ckpt_dir: Path, opened: OpenedRun)
     """How ``_fit`` starts: from ``last.ckpt`` of an interrupted run of this config, if any.
 
     With MLflow, the interrupted (KILLED) run is continued: it replaces the new claim run,
-    and only epochs after the last one it logged are sent.
+    and only epochs after the last one it logged are sent. An unreadable checkpoint is set
+    aside with one warning line and the claim's new run starts afresh.
     """
 
     ckpt = ckpt_dir / "last.ckpt"
     run_file = ckpt_dir / RESUME_RUN_FILE
-    if not ckpt.is_file():
+    # A checkpoint that cannot be read is moved beside its directory; the interrupted
+    # run stays KILLED and this claim's new run trains from scratch (docs/reliability.md).
+    if not ckpt.is_file() or not set_aside_if_unreadable(ckpt, ckpt_dir.parent / chash):
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a run file without a checkpoint
         return {}
     logged_through = -1

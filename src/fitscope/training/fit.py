@@ -239,7 +239,10 @@ def _fit(trainer, module, dm, strategy: str, threads: int, resume_from, returned
     returned.clear()  # only a file this fit writes is ever read back
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+        # weights_only: a resume checkpoint holds tensors and plain values only; nothing
+        # in it is unpickled.
+        ckpt_path = str(resume_from) if resume_from else None
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     except torch.multiprocessing.ProcessRaisedException as exc:
         # A DDP worker's error reaches this process as the text of its traceback: kept in
         # the log, and its last line (the error itself) becomes the run's one-line failure.
