@@ -26,6 +26,7 @@ from fitscope.data.official import HIGGS_EMBEDDED, MNIST_FILES
 from fitscope.data.params import HiggsParams, MnistParams
 from fitscope.stack.control import start_stack, stop_stack
 from fitscope.stack.processes import free_ports
+from fitscope.tracking.store import MLFLOW_URI_VARS
 from fitscope.tracking.tags import PARENT_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,15 +186,12 @@ def fast_retry():
     return RetryPolicy(attempts=3, backoff_s=0.01, timeout_s=5)
 
 
-MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-
 def _keep_mlflow_uris(monkeypatch: pytest.MonkeyPatch) -> None:
     """Have ``monkeypatch`` restore the MLFLOW_*_URI variables and MLflow's own URIs.
 
-    ``mlflow.set_tracking_uri``/``set_registry_uri`` (tests, and ``RunTracker.log_model``
-    in-process) also export them for subprocesses: without this, a later test's DVC or
-    training subprocess in the same worker would log to this test's store.
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` (tests) also export them for
+    subprocesses: without this, a later test's DVC or training subprocess in the same
+    worker would log to this test's store.
     """
     for key in MLFLOW_URI_VARS:
         if key in os.environ:

@@ -16,6 +16,7 @@ import pytest
 from conftest import flip_silently, higgs_gzip, last_error_line, run_train, serve_mnist
 
 from fitscope.core.errors import FitscopeError
+from fitscope.core.fileio import sha256_file
 from fitscope.data import official
 from fitscope.data.higgs import fetch_higgs, split_higgs
 from fitscope.data.higgs_csv import higgs_blocks
@@ -727,4 +728,26 @@ def test_train_on_a_tampered_split_exits_2_before_any_mlflow_run(split_copy, tmp
     assert line.startswith(f"fitscope: error: {d}/train_x.npy holds non-finite features")
     assert [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] == [line]
     assert not (tmp_path / "mlflow.db").exists()  # no store, so no run, FAILED or otherwise
+    assert list(tmp_path.rglob("model.pt")) == [] and list(tmp_path.rglob("metrics.json")) == []
+
+
+def test_splits_that_disagree_are_refused_before_any_run(split_copy, tmp_path, mlflow_uri):
+    # A 27-column train split whose manifest entry was rewritten to match it, beside the
+    # 28-column val and test splits: each array agrees with its own entry.
+    d = split_copy("higgs")
+    _save("train_x.npy", lambda a: a[:, :27])(d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["arrays"]["x"]
+    entry["shape"][1] = 27
+    entry["sha256"] = sha256_file(d / "train_x.npy")
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+    proc = run_train([f"data.dir={d}", "trainer=debug", "study=t_disagree"], tmp_path, mlflow_uri)
+    line = last_error_line(proc, 2)
+    assert line == (
+        f"fitscope: error: the splits in {d} disagree: test, val: 28 features of float32, "
+        "labels int64; train: 27 features of float32, labels int64. Fix: rebuild the split "
+        "with `dvc repro -f -s split_higgs`"
+    )
+    assert not (tmp_path / "mlflow.db").exists()
     assert list(tmp_path.rglob("model.pt")) == [] and list(tmp_path.rglob("metrics.json")) == []

@@ -27,22 +27,30 @@ def queue_workers(repo) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy):
+    """The README's side-by-side workflow, whole pipeline (report stage included), two
+    workers: each temporary copy logs, and registers its champions, into the workspace's
+    store (DVC_ROOT), and no copy grows an `mlflow.db` of its own."""
     # Long enough (about 12 s of training on an idle core) for the runs to overlap.
     overrides = (
         "+experiment=higgs_capacity model=tiny trainer.max_epochs=500"
         " callbacks.early_stopping.patience=500"
     )
-    # One HIGGS variant (stage train@higgs trains them all), committed: queued
-    # experiments start from the commit.
+    # One variant per dataset (each train stage trains its dataset's variants), committed:
+    # queued experiments start from the commit.
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
-    params["variants"]["higgs"] = {"higgs-tiny": params["variants"]["higgs"]["higgs-tiny"]}
+    params["variants"] = {
+        "higgs": {"higgs-tiny": params["variants"]["higgs"]["higgs-tiny"]},
+        "mnist": {"mnist-none": params["variants"]["mnist"]["mnist-none"]},
+    }
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "one HIGGS variant"], repo_copy)
-    for name, seeds in (("tiny-s0", "0"), ("tiny-s1", "1")):
+    run(["git", "commit", "-qam", "one variant per dataset"], repo_copy)
+    names = ("tiny-s0", "tiny-s1")
+    for name, seeds in zip(names, ("0", "1"), strict=True):
         run(
             [
-                *("dvc", "exp", "run", "--queue", "train@higgs", "-n", name),
-                *("-S", "study.profile=debug", "-S", f"study.seeds='{seeds}'"),
+                *("dvc", "exp", "run", "--queue", "-n", name),
+                *("-S", "study.profile=debug", "-S", "study.jobs=1"),
+                *("-S", f"study.seeds='{seeds}'"),
                 *("-S", f"variants.higgs.higgs-tiny.overrides='{overrides}'"),
             ],
             repo_copy,
@@ -66,10 +74,12 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
         time.sleep(1)
     start_worker(["dvc", "queue", "start", "-j", "2"])
     seen: dict[int, psutil.Process] = {}  # every worker seen, to be sure all are gone at the end
+    stray: set[str] = set()  # MLflow stores inside DVC's temporary copies (there must be none)
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             seen.update({p.pid: p for p in queue_workers(repo_copy)})
+            stray |= {str(p) for p in (repo_copy / ".dvc/tmp/exps").rglob("mlflow.db*")}
             status = run(["dvc", "queue", "status"], repo_copy).stdout
             if "Queued" not in status and "Running" not in status:
                 break
@@ -79,7 +89,7 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
             # celery workers' own logs say why.
             workers = sorted((repo_copy / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.out"))
             logs = [p.read_text(errors="replace")[-3000:] for p in workers]
-            for name in ("tiny-s0", "tiny-s1"):  # the stage output, when a stage ran
+            for name in names:  # the stage output, when a stage ran
                 shown = subprocess.run(
                     ["dvc", "queue", "logs", name],
                     cwd=repo_copy,
@@ -88,7 +98,7 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
                     text=True,
                 )
                 logs.append(f"{name}: {shown.stdout[-3000:]}{shown.stderr[-500:]}")
-            pytest.fail(status + "\n" + "\n----\n".join(logs))
+            pytest.fail(f"{status}\nstray stores: {sorted(stray)}\n" + "\n----\n".join(logs))
         assert seen, "no `dvc exp queue-worker` process was seen"
     finally:
         run(["dvc", "queue", "stop"], repo_copy)
@@ -97,10 +107,20 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
         for proc in alive:  # stopped by PID if `dvc queue stop` did not end them
             proc.kill()
         assert not alive, f"queue workers still running after `dvc queue stop`: {alive}"
+    assert not stray, f"MLflow stores inside DVC's temporary copies: {sorted(stray)}"
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo_copy).stdout)
-    names = {exp["name"] for rev in shown for exp in (rev.get("experiments") or [])}
-    assert {"tiny-s0", "tiny-s1"} <= names
+    revs = {exp["name"]: exp["revs"][0]["rev"] for rev in shown for exp in rev["experiments"] or []}
+    assert set(names) <= set(revs)
+    versions = set()
+    for name in names:  # each experiment has its report, its champions registered
+        report = run(["git", "show", f"{revs[name]}:reports/study.md"], repo_copy).stdout
+        assert "(debug profile)" in report
+        for dataset, variant in (("higgs", "higgs-tiny"), ("mnist", "mnist-none")):
+            line = f"`models:/fitscope-{dataset}@debug = {variant} (version "
+            assert line in report, report
+            versions.add(report.split(line)[1].split(")")[0] + dataset)
+    assert versions == {"1higgs", "2higgs", "1mnist", "2mnist"}
     # Both temporary workspaces logged into the workspace's own store (DVC_ROOT).
     client = get_client(f"sqlite:///{repo_copy / 'mlflow.db'}")
     exp = client.get_experiment_by_name("higgs_capacity")
@@ -110,3 +130,8 @@ def test_queued_experiments_run_side_by_side_into_the_workspace_store(repo_copy)
     assert {r.info.status for r in runs} == {"FINISHED"}
     a, b = children  # side by side: the two runs overlapped in time
     assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
+    # ... and registered their champions there: one version per experiment and dataset.
+    for dataset in ("higgs", "mnist"):
+        registered = client.search_model_versions(f"name = 'fitscope-{dataset}'")
+        assert sorted(str(v.version) for v in registered) == ["1", "2"]
+        assert len({v.run_id for v in registered}) == 2

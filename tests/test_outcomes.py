@@ -95,7 +95,8 @@ def test_a_sweeps_exit_line_is_decided_from_its_failed_jobs():
     line = interrupt_message("SIGINT", failed)
     assert line == (
         "interrupted (SIGINT); runs KILLED: job 3 higgs-l2 at epoch 7; "
-        "run the same command again to resume"
+        "run the same command again to resume (finished runs are kept, interrupted ones "
+        "continue from their last checkpoint)"
     )
     where = Path("multirun/x/failed_jobs.tsv")
     plain = sweep_failure(failed, where, search=False, parents=["p"], judged=True)

@@ -23,7 +23,7 @@ from mlflow.entities import ViewType
 from fitscope.cli import main
 from fitscope.core.errors import FitscopeError
 from fitscope.core.process import Owner
-from fitscope.pipeline.lifecycle import ENTRY_ENV, JobGuard, received
+from fitscope.pipeline.lifecycle import ENTRY_ENV, RESUME_HINT, JobGuard, received
 from fitscope.tracking import liveness
 from fitscope.tracking.claims import claim_run
 from fitscope.tracking.experiments import ensure_experiment
@@ -49,9 +49,8 @@ TRAINING = [
     "progress=false",  # stderr holds the interrupt's one line and nothing else
 ]
 SWEEP = ["-m", "optimizer.lr=0.001,0.002", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-INTERRUPTED = re.compile(
-    r"fitscope: interrupted at epoch (\d+); run the same command again to resume"
-)
+HINT = re.escape(RESUME_HINT)
+INTERRUPTED = re.compile(rf"fitscope: interrupted at epoch (\d+); {HINT}")
 
 
 class Train:
@@ -185,7 +184,7 @@ def test_joblib_sweep_interrupted_killed_orphans_stop_and_rerun_trains_once(
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert re.fullmatch(
             rf"fitscope: interrupted \({name}\); runs KILLED: job \d higgs-large at epoch \d+, "
-            rf"job \d higgs-large at epoch \d+; run the same command again to resume",
+            rf"job \d higgs-large at epoch \d+; {HINT}",
             line,
         ), line
         parents, children = new_runs()

@@ -136,3 +136,44 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_run_trains_from_scratch(
     finished = next(r for r in runs if r.info.status == "FINISHED")
     steps = [m.step for m in client.get_metric_history(finished.info.run_id, "val/loss")]
     assert sorted(steps) == list(range(len(history(tmp_path / "run"))))
+
+
+@pytest.mark.slow
+def test_metrics_reach_mlflow_by_time_so_a_kill_loses_little(processed_dir, tmp_path, mlflow_uri):
+    # 1,000 epochs per batch would send nothing before the end; the 1 s bound sends anyway.
+    args = [
+        f"paths.data_dir={processed_dir}",
+        "model=large",
+        "trainer.max_epochs=200",
+        "callbacks.early_stopping.enabled=false",
+        "logger.flush_every=1000",
+        "logger.flush_every_s=1",
+        "logger.log_model=false",
+        "study=t_flush",
+        f"paths.run_dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitscope.train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    client = get_client(mlflow_uri)
+    deadline, logged = time.monotonic() + 120, []
+    try:
+        while len(logged) < 3:  # three epochs sent while the run still trains
+            assert proc.poll() is None and time.monotonic() < deadline, "no metrics arrived"
+            time.sleep(0.5)
+            children = (
+                runs_of(client, "t_flush")[1] if client.get_experiment_by_name("t_flush") else []
+            )
+            if children:
+                run_id = children[0].info.run_id
+                logged = client.get_metric_history(run_id, "val/loss")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert runs_of(client, "t_flush")[1][0].info.status == "RUNNING"  # killed mid-training

@@ -109,7 +109,30 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} names no known dataset or no label range (written by an older fitscope "
             f"or damaged). {fix}"
         )
+    disagreement = _splits_disagree(manifest)
+    if disagreement:
+        raise FitscopeError(f"the splits in {data_dir} disagree: {disagreement}. {fix}")
     return manifest
+
+
+def _splits_disagree(manifest: dict[str, Any]) -> str | None:
+    """Whether the splits' arrays differ in what a model sees (features per row, feature
+    and label dtypes), from their manifest entries; each array is checked against its
+    entry, and its labels against ``num_classes``, when it is loaded (load_split)."""
+    kinds: dict[tuple, list[str]] = {}
+    for name, entry in sorted(manifest["splits"].items()):
+        try:
+            x, y = entry["arrays"]["x"], entry["arrays"]["y"]
+            kind = (tuple(x["shape"][1:]), str(x["dtype"]), str(y["dtype"]))
+        except (KeyError, TypeError):
+            continue  # an entry without arrays is refused when its split is loaded
+        kinds.setdefault(kind, []).append(name)
+    if len(kinds) < 2:
+        return None
+    return "; ".join(
+        f"{', '.join(names)}: {'x'.join(map(str, shape)) or 'scalar'} features of {x}, labels {y}"
+        for (shape, x, y), names in kinds.items()
+    )
 
 
 def load_split(data_dir: str | os.PathLike[str], split: str) -> tuple[np.ndarray, np.ndarray]:

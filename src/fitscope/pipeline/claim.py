@@ -120,13 +120,36 @@ def claim_or_resume(cfg: DictConfig, dm, guard, opened: OpenedRun) -> float | No
     """
     request = _request(cfg, dm, opened)
     try:
-        claim = _claim_online(cfg, request, guard, opened)
+        claim = _claim_online(cfg, request, guard, opened, force=cfg.force)
+        if _outputs_missing(cfg, claim):
+            claim = _claim_online(cfg, request, guard, opened, force=True)
     except Exception as exc:
         if not server_down(request.uri, exc):
             raise
         _train_offline(cfg, request, opened, exc)
         return None
     return _skipped_value(cfg, claim)
+
+
+def _outputs_missing(cfg: DictConfig, claim) -> bool:
+    """A DVC stage's job skips a finished config only when its run directory (the stage's
+    output, kept between runs) holds that run's outputs; else it trains it again."""
+    if claim.finished is None or cfg.stage_inputs is None:
+        return False
+    metrics = Path(cfg.paths.run_dir) / "metrics.json"
+    run_id = claim.finished.info.run_id
+    try:
+        if json.loads(metrics.read_text()).get("mlflow_run_id") == run_id:
+            return False
+    except (OSError, ValueError):
+        pass
+    log.warning(
+        "run %s finished %s, but %s does not hold its outputs: training it again",
+        run_id,
+        cfg.variant,
+        metrics.parent,
+    )
+    return True
 
 
 def _request(cfg: DictConfig, dm, opened: OpenedRun) -> ClaimRequest:
@@ -165,7 +188,7 @@ def _request(cfg: DictConfig, dm, opened: OpenedRun) -> ClaimRequest:
     )
 
 
-def _claim_online(cfg: DictConfig, req: ClaimRequest, guard, opened: OpenedRun):
+def _claim_online(cfg: DictConfig, req: ClaimRequest, guard, opened: OpenedRun, *, force: bool):
     client = opened.client = get_client(req.uri)
     exp_id = ensure_experiment(client, cfg.study, study_description(cfg))
     if not req.parent and req.parent_spec:
@@ -179,9 +202,7 @@ def _claim_online(cfg: DictConfig, req: ClaimRequest, guard, opened: OpenedRun):
     if req.parent:
         req.tags[PARENT_TAG] = req.parent
     with guard.shield():  # a signal waits until the claim is settled either way
-        claim = claim_run(
-            client, exp_id, req.chash, cfg.variant, req.params, req.tags, force=cfg.force
-        )
+        claim = claim_run(client, exp_id, req.chash, cfg.variant, req.params, req.tags, force=force)
         opened.tracker = claim.tracker
         if claim.tracker is not None:
             claim.tracker.record = open_record(

@@ -46,10 +46,14 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key in ("paths", "force", "tracking", "progress", "progress_every_s", "study_description"):
         resolved.pop(key, None)
-    # Where and how often checkpoints are written does not change what is trained.
+    # Where and how often checkpoints are written, or metrics sent, does not change what is
+    # trained (logger.flush_every predates this rule: kept, so older hashes still match).
     resolved.get("callbacks", {}).pop("checkpoint", None)
+    resolved.get("logger", {}).pop("flush_every_s", None)
     if resolved.get("data", {}).get("chunk_rows", 0) is None:  # the default: hashes unchanged
         resolved["data"].pop("chunk_rows")
+    if resolved.get("stage_inputs", 0) is None:  # outside a DVC stage: hashes unchanged
+        resolved.pop("stage_inputs")
     return resolved
 
 

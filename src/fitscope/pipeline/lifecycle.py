@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 ENTRY_ENV = "FITSCOPE_ENTRY_OWNER"  # host:pid:start time of the process that started the sweep
 WATCHDOG_S = 1.0  # how often a worker checks that its entry process is still there
 GRACE_S = 30.0  # then how long an orphaned job may take to end its run before the worker exits
-RESUME_HINT = "run the same command again to resume"
+# What a re-run does (a DVC train stage included, with its inputs unchanged).
+RESUME_HINT = (
+    "run the same command again to resume (finished runs are kept, interrupted ones "
+    "continue from their last checkpoint)"
+)
 
 
 class Interrupted(BaseException):

@@ -229,6 +229,7 @@ class LoggerConfig(Section):
     name: str = one_of("mlflow", "none")
     log_model: bool = True
     flush_every: int = ranged(low=1, integer=True)
+    flush_every_s: float = ranged(low=0.0)
     registered_model: str | None = safe_name(default=None, allow_none=True)
 
 
@@ -256,6 +257,9 @@ class TrainConfig(Section):
     study_description: str = ""  # the MLflow experiment's description (presets say it)
     objective: str = one_of(*OBJECTIVES)
     force: bool = False
+    # What a DVC train stage's inputs hash to (pipeline.stages.stage_inputs): part of the
+    # config hash, so a re-run with the same inputs skips or resumes, and new inputs retrain.
+    stage_inputs: str | None = safe_name(default=None, allow_none=True)
     # How a run shows its progress (fitscope.progress); neither changes what is trained.
     progress: bool = True
     progress_every_s: float = ranged(low=0.0)

@@ -7,7 +7,12 @@ therefore pass only their stage key; the overrides are read and split here.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import shlex
+import shutil
+from pathlib import Path
 from typing import Any
 
 from fitscope.core.checks import check_name
@@ -15,6 +20,8 @@ from fitscope.core.errors import FitscopeError
 from fitscope.pipeline.sweeps import parse_overrides, usage_error
 from fitscope.pipeline.variants import jobs_at_once, params_section, variant_specs
 from fitscope.training.threads import AUTO
+
+log = logging.getLogger(__name__)
 
 
 def _variant_job(params: dict[str, Any], name: str, spec: dict[str, Any]) -> list[str]:
@@ -51,11 +58,12 @@ def _variant_job(params: dict[str, Any], name: str, spec: dict[str, Any]) -> lis
     return job
 
 
-def _count_values(override: str) -> int:
-    """How many values a sweep override takes (``seed=0,1`` or ``seed=range(3)``: 2 or 3)."""
-
-    (parsed,) = parse_overrides([override])
-    return len(list(parsed.sweep_string_iterator())) if parsed.is_sweep_override() else 1
+def _values(seeds: str) -> list[str]:
+    """The seeds ``study.seeds`` names (``0,1`` or ``range(3)``), as Hydra expands them."""
+    (parsed,) = parse_overrides([f"seed={seeds}"])
+    if parsed.is_sweep_override():
+        return list(parsed.sweep_string_iterator())
+    return [str(parsed.value())]
 
 
 def train_sweep(params: dict[str, Any], name: str) -> tuple[list[str], list[list[str]]]:
@@ -86,19 +94,67 @@ def train_sweep(params: dict[str, Any], name: str) -> tuple[list[str], list[list
     seeds = str(params_section(params, "study", "seeds"))
     at_once = jobs_at_once(
         params_section(params, "study").get("jobs", AUTO),
-        len(jobs) * _count_values(f"seed={seeds}"),
+        len(jobs) * len(_values(seeds)),
     )
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={at_once}"] if at_once > 1 else []
     overrides = [
         f"+profile={profile}",
         f"seed={seeds}",
-        f"tracking.parent_key=dvc-{profile}",
-        "force=true",
+        *_identity(profile, stage_inputs(f"train@{dataset}")),
         f"hydra.sweep.dir=runs/{dataset}",
         "hydra.sweep.subdir=${variant}/${seed}",
         *launcher,
     ]
     return overrides, jobs
+
+
+def stage_runs(params: dict[str, Any], dataset: str) -> set[tuple[str, str]]:
+    """The ``(variant, seed)`` run directories stage ``train@<dataset>`` writes."""
+    seeds = _values(str(params_section(params, "study", "seeds")))
+    return {(v, s) for v in params_section(params, "variants", dataset) for s in seeds}
+
+
+def _identity(profile: str, inputs: str | None) -> list[str]:
+    """What ties a stage's runs to its inputs: with their digest, a re-run with the same
+    inputs skips the configs that finished and resumes the interrupted ones, and new
+    inputs train everything anew under a parent of their own. Without it (no DVC
+    repository), every job is forced to train, as DVC would re-run the stage."""
+    if inputs is None:
+        return [f"tracking.parent_key=dvc-{profile}", "force=true"]
+    return [f"tracking.parent_key=dvc-{profile}-{inputs}", f"stage_inputs={inputs}"]
+
+
+def stage_inputs(stage: str) -> str | None:
+    """A digest of what DVC stage ``stage`` depends on, as DVC hashes it (each dep's md5,
+    the values of its params): equal digests mean DVC sees the same stage. None when
+    there is no DVC repository or no such stage."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo() as repo:
+            (found,) = repo.stage.collect(stage)
+            deps = []
+            for dep in found.deps:
+                dep.save()
+                deps.append((str(dep.def_path), dep.hash_info.value))
+    except (DvcException, ValueError) as exc:
+        log.info("no DVC stage %s (%s): its jobs train afresh", stage, exc)
+        return None
+    text = json.dumps(sorted(deps, key=lambda d: d[0]), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prune_runs(root: Path, keep: set[tuple[str, str]]) -> None:
+    """Remove ``root/<variant>/<seed>/`` directories not in ``keep``: the stage's output is
+    kept between runs (``persist``), so a dropped variant or seed must not linger."""
+    for seed_dir in sorted(root.glob("*/*")):
+        if seed_dir.is_dir() and (seed_dir.parent.name, seed_dir.name) not in keep:
+            log.info("removing %s: no longer one of the stage's jobs", seed_dir)
+            shutil.rmtree(seed_dir)
+    for variant_dir in sorted(root.glob("*")):
+        if variant_dir.is_dir() and not any(variant_dir.iterdir()):
+            variant_dir.rmdir()
 
 
 def search_overrides(params: dict[str, Any], sampler: str) -> list[str]:

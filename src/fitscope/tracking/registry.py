@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fitscope.tracking.store import global_store
+
 
 def register_version(
     client,
@@ -23,8 +25,10 @@ def register_version(
     # A tracking server only accepts a logged model's `models:/<model_id>` source when the
     # request names that model id too (a local store infers it).
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = client.create_model_version(
-        name, model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id
-    )
+    # A local store looks the logged model up through MLflow's global URI: make it this one.
+    with global_store(client.tracking_uri):
+        version = client.create_model_version(
+            name, model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id
+        )
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

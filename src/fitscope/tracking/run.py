@@ -19,7 +19,7 @@ from fitscope.tracking import liveness
 from fitscope.tracking.liveness import create_owned_run, own_run
 from fitscope.tracking.offline import PendingRecord, spool_dir
 from fitscope.tracking.outcomes import FAILED, FINISHED, Outcome, end_run
-from fitscope.tracking.store import is_server, unreachable
+from fitscope.tracking.store import global_store, is_server, unreachable
 from fitscope.tracking.tags import FAILURE_TAG
 
 log = logging.getLogger(__name__)
@@ -205,13 +205,12 @@ class RunTracker:
             nonlocal info
             with torch.no_grad():
                 output = model(torch.from_numpy(example)).numpy()
-            mlflow.set_tracking_uri(self.client.tracking_uri)
-            mlflow.set_registry_uri(self.client.tracking_uri)
             # Logged to the run by id, with no active run: `mlflow.start_run` would end the
             # run on leaving its block, and only outcomes.end_run ends a run. Without an
             # active run MLflow puts the LoggedModel in $MLFLOW_EXPERIMENT_ID: the run's.
             experiment_id = self.client.get_run(self.run_id).info.experiment_id
-            with _environment(MLFLOW_EXPERIMENT_ID=experiment_id):
+            store = global_store(self.client.tracking_uri)  # what mlflow.pytorch writes to
+            with store, _environment(MLFLOW_EXPERIMENT_ID=experiment_id):
                 # pip_requirements given explicitly: inferring them costs ~8 s per model.
                 info = mlflow.pytorch.log_model(
                     model,

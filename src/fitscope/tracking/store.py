@@ -83,6 +83,39 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def global_store(uri: str) -> Iterator[None]:
+    """Point MLflow's process-global tracking and registry URIs at ``uri`` for the block.
+
+    Some client calls open a fresh ``MlflowClient()`` on the global URI instead of the
+    client's own: the SQLAlchemy registry store resolves a ``models:/m-...`` source that
+    way (``create_model_version``). Unset, that URI is ``sqlite:///mlflow.db`` in the
+    current directory: in a queued DVC experiment, DVC's temporary copy, not the store
+    that ``resolve_tracking_uri`` opened (the workspace's). MLflow's URIs and the
+    environment variables it exports them to are restored afterwards.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    saved_env = {key: os.environ.get(key) for key in MLFLOW_URI_VARS}
+    tracking_utils.set_tracking_uri(uri)
+    registry_utils.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 # MLflow's defaults retry an unreachable server for about 4 minutes before failing;
 # these make a store problem a one-line error within seconds (a user's own values win).
 HTTP_LIMITS = {

@@ -55,14 +55,22 @@ class EpochHistory(pl.Callback):
 
 class EpochRowSender(pl.Callback):
     """Sends the epoch history to a sink (anything with ``log_rows(rows)``; a run sends it
-    to its MLflow run) in batches of ``every`` epochs."""
+    to its MLflow run) in batches of ``every`` epochs, or sooner once ``every_s`` seconds
+    have passed since the last send: a kill -9 loses at most that much of the record."""
 
     def __init__(
-        self, sink: Any, history: EpochHistory, every: int = 25, logged_through: int = -1
+        self,
+        sink: Any,
+        history: EpochHistory,
+        every: int = 25,
+        logged_through: int = -1,
+        *,
+        every_s: float = 30.0,
     ) -> None:
-        self.sink, self.history, self.every = sink, history, every
+        self.sink, self.history, self.every, self.every_s = sink, history, every, every_s
         # Epochs up to this one are in MLflow already (a resumed run): never sent twice.
         self.logged_through = logged_through
+        self.last_sent = time.monotonic()
 
     def _unsent(self) -> list[dict[str, float]]:
         return [row for row in self.history.rows if row["epoch"] > self.logged_through]
@@ -72,10 +80,13 @@ class EpochRowSender(pl.Callback):
         if rows:
             self.sink.log_rows(rows)
             self.logged_through = int(rows[-1]["epoch"])
+        self.last_sent = time.monotonic()
 
     # Every rank has the same global metrics; only rank 0 sends them (once).
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and len(self._unsent()) >= self.every:
+        if not trainer.is_global_zero or not (unsent := len(self._unsent())):
+            return
+        if unsent >= self.every or time.monotonic() - self.last_sent >= self.every_s:
             self.flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

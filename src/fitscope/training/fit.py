@@ -121,8 +121,11 @@ def fit_run(
     module = _module(cfg, mlp, steps=len(dm.train_dataloader()))
     watch = _watchers(cfg, extra_callbacks, live_progress)
     if sink is not None:
-        flush_every = cfg.logger.flush_every
-        watch.callbacks.append(EpochRowSender(sink, watch.history, flush_every, logged_through))
+        logger = cfg.logger
+        sender = EpochRowSender(
+            sink, watch.history, logger.flush_every, logged_through, every_s=logger.flush_every_s
+        )
+        watch.callbacks.append(sender)
     # What the result is read from (rank 0 sent the epochs to the sink itself).
     kept = {"history": watch.history, "restore": watch.restore, "early": watch.early}
     returned = ReturnToMain(
