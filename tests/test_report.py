@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from fitscope.core.errors import FitscopeError
@@ -50,6 +51,23 @@ def test_eval_mode_training_loss_decides_underfitting():
     hist = curve(train=[0.70, 0.68, 0.66], val=[0.64, 0.62, 0.60])
     assert verdict(hist, best_val_in_dataset=0.60) == "underfitting"
     assert verdict(hist, best_val_in_dataset=0.60, train_loss=0.55) == "good fit"
+
+
+def test_a_run_far_worse_than_a_constant_predictor_is_diverged():
+    hist = curve(train=[7e6, 3e5, 2.8e5], val=[7e6, 2.9e5, 2.76e5])
+    assert verdict(hist, best_val_in_dataset=0.6, constant_val_loss=0.693) == "diverged"
+    # Within twice a constant predictor's loss: the other rules decide.
+    hist = curve(train=[0.9, 0.8, 0.75], val=[1.3, 1.2, 1.1])
+    assert verdict(hist, best_val_in_dataset=0.6, constant_val_loss=0.693) == "underfitting"
+    assert verdict(hist, best_val_in_dataset=0.6) == "underfitting"  # an older record
+
+
+def test_constant_predictor_loss_is_the_label_entropy():
+    from fitscope.model.metrics import constant_loss
+
+    balanced = np.array([0, 1] * 50)
+    assert constant_loss(balanced, balanced, 2) == pytest.approx(np.log(2))
+    assert constant_loss(np.arange(10).repeat(5), np.arange(10), 10) == pytest.approx(np.log(10))
 
 
 def test_val_rise_with_train_also_rising_is_not_overfitting():

@@ -455,3 +455,19 @@ def test_a_dvc_train_stage_is_one_sweep_of_its_datasets_variants(monkeypatch):
     params["variants"]["mnist"]["higgs-tiny"] = params["variants"]["higgs"]["higgs-tiny"]
     with pytest.raises(FitscopeError, match=r"'higgs-tiny' is under both variants\.higgs and"):
         train_sweep(params, "mnist")
+
+
+def test_a_diverged_run_is_flagged_not_passed_silently(processed_dir, tmp_path, mlflow_uri):
+    args = [f"paths.data_dir={processed_dir}", "trainer=debug", "optimizer.lr=1e6"]
+    proc = run_train([*args, "study=t_diverged", "progress=false"], tmp_path, mlflow_uri)
+    assert proc.returncode == 0, proc.stderr  # finite: it ends FINISHED, flagged
+    output = (proc.stdout + proc.stderr).splitlines()
+    flagged = [line for line in output if "diverged" in line]
+    assert len(flagged) == 1 and "Fix: lower optimizer.lr" in flagged[0], output
+    run = only_run(get_client(mlflow_uri), "t_diverged")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["fitscope.verdict"] == "diverged"
+    assert run.data.tags["fitscope.diverged"].startswith("diverged: best val loss")
+    constant = run.data.metrics["fit/constant_val_loss"]
+    assert 0.68 < constant < 0.70  # HIGGS: nearly balanced labels
+    assert run.data.metrics["best/val/loss"] > 2 * constant

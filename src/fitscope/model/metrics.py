@@ -92,6 +92,14 @@ def targets_tensor(y: Any, task: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def constant_loss(train_labels: Any, val_labels: Any, num_classes: int) -> float:
+    """The validation loss (BCE, or cross-entropy) of a model that ignores its input and
+    predicts the training labels' class frequencies: what any model that learned beats."""
+    counts = np.bincount(np.asarray(train_labels).astype(np.int64), minlength=num_classes)
+    frequencies = np.clip(counts / counts.sum(), 1e-7, 1.0)
+    return float(-np.log(frequencies[np.asarray(val_labels).astype(np.int64)]).mean())
+
+
 def test_scores(
     model: torch.nn.Module,
     task: str,

@@ -17,7 +17,7 @@ from fitscope.model.mlp import ProbabilityModel
 from fitscope.pipeline.identity import finite_value
 from fitscope.results.contract import metrics_file_key
 from fitscope.results.figures import run_figure
-from fitscope.results.verdict import describe_run, own_verdict
+from fitscope.results.verdict import DIVERGED_FACTOR, describe_run, own_verdict
 from fitscope.training.fit import FitResult
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def write_outputs(
     """
     value = finite_value(result.row[cfg.objective], cfg.objective)
     summary = result.summary()
+    if own_verdict(result.rows, result.constant_val_loss) == "diverged":
+        log.warning("fitscope: %s %s", cfg.variant, diverged_note(summary))
     _save_files(cfg, run_dir, result)
     metrics: dict[str, Any] = {metrics_file_key(k): v for k, v in summary.items()}
     metrics |= {"seed": cfg.seed, **hardware}
@@ -91,6 +93,15 @@ def _track(
     return added
 
 
+def diverged_note(summary: dict[str, float]) -> str:
+    """The one line that flags a diverged run (results.verdict's rule)."""
+    best, constant = summary["best/val/loss"], summary["fit/constant_val_loss"]
+    return (
+        f"diverged: best val loss {best:.4g} is over {DIVERGED_FACTOR:g}x a constant "
+        f"predictor's {constant:.4f}. Fix: lower optimizer.lr (docs/reliability.md)"
+    )
+
+
 def log_run_record(
     cfg: DictConfig, dm, tracker, rows: list[dict[str, float]], summary: dict[str, float], run_dir
 ) -> None:
@@ -106,9 +117,12 @@ def log_run_record(
         profile={s: v.get("rows") for s, v in manifest.get("splits", {}).items()},
         context="training",
     )
-    verdict = own_verdict(rows)
+    verdict = own_verdict(rows, summary["fit/constant_val_loss"])
     note = describe_run(cfg.variant, cfg.profile, verdict, summary, summary, provisional=True)
-    tracker.set_tags({"fitscope.verdict": verdict, "mlflow.note.content": note})
+    tags = {"fitscope.verdict": verdict, "mlflow.note.content": note}
+    if verdict == "diverged":
+        tags["fitscope.diverged"] = diverged_note(summary)
+    tracker.set_tags(tags)
     tracker.log_artifact(run_dir / "history.csv")
     tracker.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/resolved.yaml")
     if (run_dir / ".hydra").is_dir():

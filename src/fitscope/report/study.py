@@ -76,7 +76,8 @@ def load_results(params: dict[str, Any], runs_root: Path, metrics_dir: Path) -> 
         floor = min(min(h["val/loss"] for h in hist) for r in group for hist in r.histories)
         for r in group:
             r.verdicts = [
-                verdict(hist, floor, r.test.get("train_eval_loss")) for hist in r.histories
+                verdict(hist, floor, r.test.get("train_eval_loss"), run.get("constant_val_loss"))
+                for hist, run in zip(r.histories, r.runs, strict=True)
             ]
     return results
 

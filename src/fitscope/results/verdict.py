@@ -7,7 +7,12 @@ from __future__ import annotations
 # Variants drawn as the reference curve in another study's figure (the classic plots do).
 BASELINES = {"higgs_regularization": "higgs-large", "mnist_augment": "mnist-none"}
 OVERFIT_RISE = 0.02  # late validation loss 2% above its minimum
+DIVERGED_FACTOR = 2.0  # best validation loss over twice a constant predictor's
 VERDICT_RULE = (
+    "**diverged**: the best validation loss is more than twice that of a constant "
+    "predictor (one that ignores its input and predicts the training labels' class "
+    "frequencies: 0.69 for balanced binary labels, 2.30 for ten balanced classes), so "
+    "training made the model far worse than knowing nothing; otherwise "
     "**overfitting**: over the last epochs (10, or a tenth of the run if shorter) the mean "
     "validation loss is more than 2% above its minimum while the mean training loss is below "
     "its value at the best epoch (validation got worse as training got better); otherwise "
@@ -20,15 +25,21 @@ VERDICT_RULE = (
 
 
 def verdict(
-    history: list[dict[str, float]], best_val_in_dataset: float, train_loss: float | None = None
+    history: list[dict[str, float]],
+    best_val_in_dataset: float,
+    train_loss: float | None = None,
+    constant_val_loss: float | None = None,
 ) -> str:
     """Classify one run with the rule in ``VERDICT_RULE``.
 
     ``train_loss`` is the selected model's eval-mode training loss; without it the
-    training loss logged at the best epoch is used.
+    training loss logged at the best epoch is used. ``constant_val_loss``: a constant
+    predictor's validation loss (None: the run's record predates it, no divergence rule).
     """
     best = min(range(len(history)), key=lambda i: history[i]["val/loss"])
     val_best, train_best = history[best]["val/loss"], history[best]["train/loss"]
+    if constant_val_loss is not None and val_best > DIVERGED_FACTOR * constant_val_loss:
+        return "diverged"
     window = history[-max(1, min(10, len(history) // 10)) :]
     if best < len(history) - 1:
         val_late = sum(r["val/loss"] for r in window) / len(window)
@@ -40,10 +51,11 @@ def verdict(
     return "good fit"
 
 
-def own_verdict(history: list[dict[str, float]]) -> str:
+def own_verdict(history: list[dict[str, float]], constant_val_loss: float | None = None) -> str:
     """The verdict of one run on its own (at training time, before the report compares the
     dataset's variants): its own lowest validation loss is the underfitting floor."""
-    return verdict(history, min(r["val/loss"] for r in history))
+    floor = min(r["val/loss"] for r in history)
+    return verdict(history, floor, constant_val_loss=constant_val_loss)
 
 
 def figure_line(values: dict[str, float], prefix: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from fitscope.core.errors import FitscopeError
 from fitscope.core.progress import LineProgress
-from fitscope.model.metrics import test_scores
+from fitscope.model.metrics import constant_loss, test_scores
 from fitscope.model.mlp import build_mlp_for, count_parameters
 from fitscope.training.callbacks import (
     EpochHistory,
@@ -49,6 +49,7 @@ class FitResult:
     wall_s: float
     model: Any  # the MLP on the CPU, eval mode, holding the selected epoch's weights
     scores: dict[str, float]  # held-out test metrics, and train_eval_loss
+    constant_val_loss: float  # a constant predictor's val loss (results.verdict: diverged)
 
     @property
     def rows(self) -> list[dict[str, float]]:
@@ -73,6 +74,7 @@ class FitResult:
             "fit/early_stopped": float(self.early_stopped),
             "fit/epochs_run": len(self.rows),
             "fit/wall_time_s": self.wall_s,
+            "fit/constant_val_loss": self.constant_val_loss,
             "model/n_params": count_parameters(self.model),
             **{f"best/{k}": v for k, v in row.items() if k.startswith(("train/", "val/"))},
             "best/gap_loss": row["val/loss"] - row["train/loss"],
@@ -288,4 +290,5 @@ def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) ->
         wall_s=wall,
         model=mlp.to("cpu").eval(),
         scores=scores,
+        constant_val_loss=constant_loss(train_split[1], dm.tensors["val"][1], cfg.data.num_classes),
     )
