@@ -38,7 +38,7 @@ demo: install
 	@$(BIN)/fitscope summary
 	@echo "DVC:      .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc exp show"
 	@echo "registry: models:/fitscope-higgs@quick  (@champion comes from the classic study only)"
-	@echo "classic:  git checkout params.yaml && .venv/bin/dvc repro   (the full protocol)"
+	@echo "classic:  git checkout HEAD -- params.yaml dvc.lock && .venv/bin/dvc repro   (the full protocol)"
 
 # The classic study: `dvc repro`. DVC runs one stage at a time in a workspace; a train stage
 # trains its dataset's variants study.jobs at a time (auto: one per core, docs/pipeline.md).

@@ -731,6 +731,7 @@ def test_train_on_a_tampered_split_exits_2_before_any_mlflow_run(split_copy, tmp
     assert list(tmp_path.rglob("model.pt")) == [] and list(tmp_path.rglob("metrics.json")) == []
 
 
+@pytest.mark.slow  # a real subprocess or server: make test, not test-fast
 def test_splits_that_disagree_are_refused_before_any_run(split_copy, tmp_path, mlflow_uri):
     # A 27-column train split whose manifest entry was rewritten to match it, beside the
     # 28-column val and test splits: each array agrees with its own entry.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import run
+from conftest import REPO, run
 
 from fitscope.tracking.store import get_client
 
@@ -28,6 +29,24 @@ def test_data_stages_run_then_are_a_noop(repo_copy):
     # depends on it, so the pipeline ran anyway; dvc status reports exactly that.
     status = run(["dvc", "status", "data.dvc"], repo_copy)
     assert "not in cache" in status.stdout and "data/mirror" in status.stdout
+
+
+def test_the_readmes_revert_command_undoes_a_repro_and_an_experiment(repo_copy):
+    # `dvc repro` stages the dvc.lock it writes (autostage), `dvc exp run -S` (what `make
+    # demo` runs) also edits params.yaml: the README's line puts both back.
+    readme = (REPO / "README.md").read_text()
+    (revert,) = [ln for ln in readme.splitlines() if ln.startswith("git checkout")]
+    revert = revert.split("#")[0].strip()
+    makefile = (REPO / "Makefile").read_text()
+    assert f"classic:  {revert} && " in makefile  # what `make demo` prints says the same
+    run(["dvc", "exp", "run", "-S", "study.profile=debug", "split_higgs"], repo_copy)
+    run(["dvc", "repro", "split_mnist"], repo_copy)
+    changed = run(["git", "status", "--porcelain", "params.yaml", "dvc.lock"], repo_copy)
+    status = {line[3:]: line[:2] for line in changed.stdout.splitlines()}
+    assert status.keys() == {"dvc.lock", "params.yaml"} and status["dvc.lock"][0] == "M"
+    run(shlex.split(revert), repo_copy)
+    after = run(["git", "status", "--porcelain", "params.yaml", "dvc.lock"], repo_copy)
+    assert after.stdout == ""
 
 
 def test_changing_a_split_param_reruns_only_that_dataset(repo_copy):

@@ -457,6 +457,7 @@ def test_a_dvc_train_stage_is_one_sweep_of_its_datasets_variants(monkeypatch):
         train_sweep(params, "mnist")
 
 
+@pytest.mark.slow  # a training subprocess
 def test_a_diverged_run_is_flagged_not_passed_silently(processed_dir, tmp_path, mlflow_uri):
     args = [f"paths.data_dir={processed_dir}", "trainer=debug", "optimizer.lr=1e6"]
     proc = run_train([*args, "study=t_diverged", "progress=false"], tmp_path, mlflow_uri)

@@ -55,12 +55,22 @@ def _out_of_space(exc: BaseException, directory: Path) -> bool:
         return False
 
 
-def check_writable_dir(directory: str | os.PathLike[str], what: str) -> None:
-    """Create ``directory`` and write a probe file there; one-line error if it can't be done."""
+def check_writable_dir(
+    directory: str | os.PathLike[str], what: str, *, create: bool = True
+) -> None:
+    """Check that files can be written in ``directory`` (config key ``what``), with a probe
+    file; one-line error if they cannot. ``create``: make the directory (else the probe goes
+    to its nearest existing ancestor, and nothing is created)."""
     directory = Path(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        probed = directory
+        while not create and not probed.exists() and probed != probed.parent:
+            probed = probed.parent
+        if not probed.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probed} is not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=probed)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

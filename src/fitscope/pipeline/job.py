@@ -47,6 +47,8 @@ def validate(cfg: DictConfig) -> TrainConfig:
     machine, such as a GPU being there.
     """
     typed = check(cfg)
+    if checkpointing(typed):  # found now, not at the first checkpoint 30 s into training
+        check_writable_dir(typed.callbacks.checkpoint.dir, "callbacks.checkpoint.dir", create=False)
     if cfg.trainer.accelerator == "gpu":
         import torch
 

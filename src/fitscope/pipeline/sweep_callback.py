@@ -16,7 +16,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from fitscope.core.dirlock import HOLD_FILE, hold_dir, release_dir
 from fitscope.core.errors import first_line
+from fitscope.core.fileio import check_writable_dir
 from fitscope.core.progress import JOBS_DONE_FILE, job_done
 from fitscope.pipeline.cluster import prepare_driver
 from fitscope.pipeline.identity import entry_name, parent_spec, study_description
@@ -49,11 +51,18 @@ class SweepCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Before Hydra creates the run directory: a bad config leaves nothing behind.
         validate_run(config, validate)
+        check_writable_dir(config.hydra.run.dir, "hydra.run.dir", create=False)
 
     @callback_errors_exit
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Every job is checked before anything exists: a bad job creates no parent run.
+        check_writable_dir(config.hydra.sweep.dir, "hydra.sweep.dir", create=False)
         studies = _validate_sweep(config)
+        # Two sweeps in one directory would mix their jobs' files: the second is refused
+        # before it touches any (the counters of an earlier sweep there are reset after).
+        hold_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+        (Path(config.hydra.sweep.dir) / FAILED_JOBS).unlink(missing_ok=True)
+        (Path(config.hydra.sweep.dir) / JOBS_DONE_FILE).unlink(missing_ok=True)
         if config.logger.name == "mlflow":
             _open_parents(_parent_specs(config, studies), studies)
 
@@ -65,6 +74,7 @@ class SweepCallback(Callback):
             job_done(config.hydra.sweep.dir, int(total), os.environ.get("DVC_STAGE", config.study))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release_dir(Path(config.hydra.sweep.dir) / HOLD_FILE)  # (else at exit)
         failed_file = Path(config.hydra.sweep.dir) / FAILED_JOBS
         failed = failed_file.read_text().splitlines() if failed_file.exists() else []
         parents, offline = sweep_parents(), sweep_parents(PARENT_SPEC_ENV)
@@ -173,7 +183,7 @@ SWEEP_JOBS_ENV = "FITSCOPE_SWEEP_JOBS"  # a sweep's job count, for the "jobs don
 
 
 def _validate_sweep(config: DictConfig) -> dict[str, DictConfig]:
-    """Check every job of the sweep and reset its counters; the first job of each study."""
+    """Check every job of the sweep; the first job of each study."""
     studies: dict[str, DictConfig] = {}
 
     def check(job: DictConfig) -> None:
@@ -183,8 +193,6 @@ def _validate_sweep(config: DictConfig) -> dict[str, DictConfig]:
     jobs = validate_jobs(config, check)
     prepare_driver(config.hydra.launcher)
     log.info("sweep of %d job(s) validated; outputs in %s", jobs, config.hydra.sweep.dir)
-    (Path(config.hydra.sweep.dir) / FAILED_JOBS).unlink(missing_ok=True)
-    (Path(config.hydra.sweep.dir) / JOBS_DONE_FILE).unlink(missing_ok=True)
     # A search's jobs are drawn as it goes: its count is the trial budget. Workers
     # (started after this hook) inherit the variable.
     total = config.hydra.sweeper.n_trials if is_search(config) else jobs
