@@ -4,6 +4,7 @@ everything anew after a change to its code (docs/pipeline.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,13 +68,18 @@ def test_an_interrupted_train_stage_resumes_and_a_changed_one_retrains(repo_copy
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(120) != 0
     assert "interrupted at epoch" in log.read_text() and RESUME_HINT in log.read_text()
-    kept = tiny_metrics.read_text()
+    kept = json.loads(tiny_metrics.read_text())
+    tiny_files = {p.name: p.read_bytes() for p in tiny_metrics.parent.iterdir() if p.is_file()}
 
     again = run(["dvc", "repro", "-s", "train@higgs"], repo_copy)
     output = again.stdout + again.stderr
     assert "skipping higgs-tiny: run" in output, output
     assert "resuming higgs-large from" in output, output
-    assert tiny_metrics.read_text() == kept  # not retrained, its output kept
+    # Not retrained: DVC deleted runs/higgs, the files came back from its MLflow run.
+    assert "higgs-tiny: run " in output and "files restored into" in output, output
+    assert json.loads(tiny_metrics.read_text()) == kept
+    for name in ("history.csv", "model.pt", "learning_curves.png"):
+        assert (tiny_metrics.parent / name).read_bytes() == tiny_files[name], name
     client = get_client(f"sqlite:///{repo_copy / 'mlflow.db'}")
     first = finished_per_parent_and_config(client)
     assert len(first) == 2 and set(first.values()) == {1}, first
@@ -89,7 +95,7 @@ def test_an_interrupted_train_stage_resumes_and_a_changed_one_retrains(repo_copy
     third = run(["dvc", "repro", "-s", "train@higgs"], repo_copy)
     output = third.stdout + third.stderr
     assert "skipping" not in output and "resuming" not in output, output
-    assert tiny_metrics.read_text() != kept
+    assert json.loads(tiny_metrics.read_text())["mlflow_run_id"] != kept["mlflow_run_id"]
     after = finished_per_parent_and_config(client)
     assert len(after) == 4 and set(after.values()) == {1}, after
     assert len({parent for parent, _ in after}) == 2

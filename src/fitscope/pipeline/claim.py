@@ -24,7 +24,7 @@ from fitscope.pipeline.identity import (
     task_overrides,
     worst_value,
 )
-from fitscope.pipeline.outputs import RESUME_RUN_FILE
+from fitscope.pipeline.outputs import RESUME_RUN_FILE, restore_outputs
 from fitscope.tracking.claims import claim_run, take_over
 from fitscope.tracking.experiments import ensure_experiment
 from fitscope.tracking.liveness import run_owner
@@ -121,7 +121,7 @@ def claim_or_resume(cfg: DictConfig, dm, guard, opened: OpenedRun) -> float | No
     request = _request(cfg, dm, opened)
     try:
         claim = _claim_online(cfg, request, guard, opened, force=cfg.force)
-        if _outputs_missing(cfg, claim):
+        if not _outputs_in_place(cfg, claim, opened.client):
             claim = _claim_online(cfg, request, guard, opened, force=True)
     except Exception as exc:
         if not server_down(request.uri, exc):
@@ -131,25 +131,28 @@ def claim_or_resume(cfg: DictConfig, dm, guard, opened: OpenedRun) -> float | No
     return _skipped_value(cfg, claim)
 
 
-def _outputs_missing(cfg: DictConfig, claim) -> bool:
-    """A DVC stage's job skips a finished config only when its run directory (the stage's
-    output, kept between runs) holds that run's outputs; else it trains it again."""
+def _outputs_in_place(cfg: DictConfig, claim, client) -> bool:
+    """A DVC stage's job skips a finished config only with that run's files in its run
+    directory (the stage's output, which DVC deletes before re-running the stage): they
+    are restored from the run's artifacts, else the config trains again."""
     if claim.finished is None or cfg.stage_inputs is None:
-        return False
-    metrics = Path(cfg.paths.run_dir) / "metrics.json"
-    run_id = claim.finished.info.run_id
+        return True
+    run_dir, run_id = Path(cfg.paths.run_dir), claim.finished.info.run_id
     try:
-        if json.loads(metrics.read_text()).get("mlflow_run_id") == run_id:
-            return False
+        if json.loads((run_dir / "metrics.json").read_text()).get("mlflow_run_id") == run_id:
+            return True
     except (OSError, ValueError):
         pass
+    if restore_outputs(client, run_id, run_dir):
+        log.info("%s: run %s's files restored into %s from MLflow", cfg.variant, run_id, run_dir)
+        return True
     log.warning(
-        "run %s finished %s, but %s does not hold its outputs: training it again",
+        "run %s finished %s, but its files are neither in %s nor in MLflow: training it again",
         run_id,
         cfg.variant,
-        metrics.parent,
+        run_dir,
     )
-    return True
+    return False
 
 
 def _request(cfg: DictConfig, dm, opened: OpenedRun) -> ClaimRequest:

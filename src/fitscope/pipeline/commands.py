@@ -5,22 +5,17 @@ one Hydra sweep in this process.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from fitscope.core.params import load_params
 from fitscope.pipeline.entry import run_train
-from fitscope.pipeline.stages import prune_runs, search_overrides, stage_runs, train_sweep
-from fitscope.pipeline.variants import params_section, stage_target
+from fitscope.pipeline.stages import search_overrides, train_sweep
+from fitscope.pipeline.variants import stage_target
 
 
 def cmd_train(args: argparse.Namespace) -> None:
 
     name = stage_target(args.name)
-    params = load_params(args.params)
-    overrides, jobs = train_sweep(params, name)
-    if name in params_section(params, "variants"):  # the whole stage, train@<name>
-        prune_runs(Path("runs") / name, stage_runs(params, name))
-    run_train(overrides, jobs)
+    run_train(*train_sweep(load_params(args.params), name))
 
 
 def cmd_search(args: argparse.Namespace) -> None:

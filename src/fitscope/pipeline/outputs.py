@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ from fitscope.training.fit import FitResult
 log = logging.getLogger(__name__)
 
 RESUME_RUN_FILE = "mlflow_run.json"  # beside last.ckpt: the MLflow run the checkpoint belongs to
+# What a finished run leaves in its run directory and logs as artifacts of the same names:
+# restore_outputs brings them back. metrics.json last: it says the others are complete.
+RUN_FILES = ("history.csv", "model.pt", "learning_curves.png", "metrics.json")
 
 
 def write_outputs(
@@ -124,8 +129,33 @@ def log_run_record(
         tags["fitscope.diverged"] = diverged_note(summary)
     tracker.set_tags(tags)
     tracker.log_artifact(run_dir / "history.csv")
+    if (run_dir / "model.pt").is_file():  # restore_outputs brings it back from here
+        tracker.log_artifact(run_dir / "model.pt")
     tracker.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/resolved.yaml")
     if (run_dir / ".hydra").is_dir():
         tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
     figure = run_figure(rows, cfg.variant, selected, run_dir / "learning_curves.png")
     tracker.log_artifact(figure)
+
+
+def restore_outputs(client, run_id: str, run_dir: Path) -> bool:
+    """Put a finished run's files back into ``run_dir`` from its MLflow artifacts (a DVC
+    stage re-run after an interrupt: DVC deleted the stage's outputs). False, with nothing
+    written, when the run lacks one of them."""
+    from mlflow.exceptions import MlflowException
+
+    logged = {a.path for a in client.list_artifacts(run_id)}
+    wanted = [name for name in RUN_FILES if name in logged]
+    if "metrics.json" not in wanted or "history.csv" not in wanted:
+        return False
+    with tempfile.TemporaryDirectory(dir=run_dir.parent) as tmp:
+        try:
+            for name in wanted:
+                client.download_artifacts(run_id, name, tmp)
+        except (MlflowException, OSError) as exc:
+            log.warning("could not restore run %s's files: %s", run_id, exc)
+            return False
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in wanted:  # in RUN_FILES order: metrics.json last
+            shutil.move(Path(tmp) / name, run_dir / name)
+    return True

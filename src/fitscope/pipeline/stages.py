@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import shlex
-import shutil
-from pathlib import Path
 from typing import Any
 
 from fitscope.core.checks import check_name
@@ -108,12 +106,6 @@ def train_sweep(params: dict[str, Any], name: str) -> tuple[list[str], list[list
     return overrides, jobs
 
 
-def stage_runs(params: dict[str, Any], dataset: str) -> set[tuple[str, str]]:
-    """The ``(variant, seed)`` run directories stage ``train@<dataset>`` writes."""
-    seeds = _values(str(params_section(params, "study", "seeds")))
-    return {(v, s) for v in params_section(params, "variants", dataset) for s in seeds}
-
-
 def _identity(profile: str, inputs: str | None) -> list[str]:
     """What ties a stage's runs to its inputs: with their digest, a re-run with the same
     inputs skips the configs that finished and resumes the interrupted ones, and new
@@ -143,18 +135,6 @@ def stage_inputs(stage: str) -> str | None:
         return None
     text = json.dumps(sorted(deps, key=lambda d: d[0]), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def prune_runs(root: Path, keep: set[tuple[str, str]]) -> None:
-    """Remove ``root/<variant>/<seed>/`` directories not in ``keep``: the stage's output is
-    kept between runs (``persist``), so a dropped variant or seed must not linger."""
-    for seed_dir in sorted(root.glob("*/*")):
-        if seed_dir.is_dir() and (seed_dir.parent.name, seed_dir.name) not in keep:
-            log.info("removing %s: no longer one of the stage's jobs", seed_dir)
-            shutil.rmtree(seed_dir)
-    for variant_dir in sorted(root.glob("*")):
-        if variant_dir.is_dir() and not any(variant_dir.iterdir()):
-            variant_dir.rmdir()
 
 
 def search_overrides(params: dict[str, Any], sampler: str) -> list[str]:
