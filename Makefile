@@ -3,7 +3,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.fitscope-installed
+# One stamp per install level: the core (make demo), the team stack, everything (make test).
+STAMP := $(VENV)/.fitscope-core
+TEAM_STAMP := $(VENV)/.fitscope-team
+DEV_STAMP := $(VENV)/.fitscope-dev
+PIP_INSTALL = $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	$(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 # Optional extra index for torch wheels, e.g. a CPU-only wheel index on machines
 # that have no local torch wheel (the default index serves the CUDA build).
 TORCH_INDEX_URL ?=
@@ -12,18 +17,42 @@ export MPLBACKEND := Agg
 # dvc with the venv first on PATH, so its stages find fitscope and fitscope-train.
 DVC := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc
 
-.PHONY: install demo study test test-fast bench lint clean stack stack-down
+.PHONY: install install-cluster install-team install-dev browser demo study test test-fast bench lint clean \
+	stack stack-down
 
+# The core: the study, sweeps, the search, the report and `mlflow ui` (no root needed).
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@# The mlflow ui browser test drives Debian's chromium (playwright cannot download one here).
-	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		$(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) -e '.[dev]'
+	$(PIP_INSTALL) -e .
 	@touch $(STAMP)
+
+# The cluster launchers (Ray, submitit): extra [cluster].
+install-cluster: $(STAMP)
+	$(PIP_INSTALL) -e '.[cluster]'
+
+# The team stack (`make stack`) and the cluster launchers: extras [team] (with [cluster]).
+install-team: $(TEAM_STAMP)
+
+$(TEAM_STAMP): $(STAMP)
+	$(PIP_INSTALL) -e '.[team]'
+	@touch $(TEAM_STAMP)
+
+# Everything the tests cover, the test and lint tools, and the browser test's Chromium.
+install-dev: $(DEV_STAMP) browser
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP_INSTALL) -e '.[dev]'
+	@touch $(DEV_STAMP)
+
+# The mlflow ui browser test drives Debian's chromium (playwright cannot download one
+# here): installed where this runs as root with apt (CI); elsewhere the test says how.
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| echo "note: no chromium; the browser test will fail until it is installed (see its message)"
 
 # `dvc exp run` records a commit for the experiment; on machines with no git identity
 # it gets a neutral one (only for that experiment, your git config is untouched).
@@ -49,27 +78,27 @@ study: install
 
 # Two pytest workers, one test file each at a time (module fixtures are built once); the
 # slow files first (tests/conftest.py), so the two long ones do not end up last in one queue.
-test: install
+test: install-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
-test-fast: install
+test-fast: install-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 # Prints the figures and merges them into reports/bench.json; BENCH_ARGS=--study also
 # times the classic study (dvc repro) in a scratch copy.
-bench: install
+bench: install-team
 	$(BIN)/python -m fitscope.bench $(BENCH_ARGS)
 
 # The local team stack (docs/team.md): PostgreSQL, SeaweedFS S3, MLflow server (basic auth),
 # a Ray head, all on 127.0.0.1; writes stack.env and the DVC remote `team`. Data persists.
-stack: install
+stack: install-team
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fitscope stack up
 
 stack-down:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fitscope stack down
 
 # ruff, and the layer rule of docs/architecture.md (import-linter contracts in pyproject.toml).
-lint: install
+lint: install-dev
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/lint-imports --no-cache

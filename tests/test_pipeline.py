@@ -278,11 +278,14 @@ def test_mlflow_ui_review_in_a_real_browser(study_repo):
     from conftest import REPO
 
     chromium = shutil.which("chromium")
-    assert chromium, "no chromium browser. Fix: `apt-get install -y chromium` (make install does)"
+    assert chromium, (
+        "no chromium browser. Fix: `apt-get install -y chromium` as root (`make test` does "
+        "where it runs as root with apt)"
+    )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("playwright is missing. Fix: pip install -e '.[dev]' (make install does)")
+        pytest.fail("playwright is missing. Fix: pip install -e '.[dev]' (`make test` does)")
 
     repo, _ = study_repo
     client = get_client(f"sqlite:///{repo / 'mlflow.db'}")

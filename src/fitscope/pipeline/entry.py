@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fitscope.core.errors import FitscopeError, run_cli
+from fitscope.core.extras import require_launcher
 from fitscope.pipeline.identity import job_info, worst_value
 from fitscope.pipeline.job import train
 from fitscope.pipeline.lifecycle import Interrupted, in_worker, run_entry
@@ -97,6 +98,7 @@ def main() -> None:
         # raises them, and they are printed here the way fitscope prints every usage error.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
+            require_launcher(sys.argv[1:])  # a launcher's extra, before Hydra looks for it
             _hydra_main()
         except FitscopeError as exc:
             print(f"fitscope: error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fitscope.core.errors import FitscopeError
+from fitscope.core.extras import EXTRA_MODULES, require
 from fitscope.stack.control import (
     configure_dvc_remote,
     stack_status,
@@ -37,6 +38,9 @@ def cmd_stack(args: argparse.Namespace) -> None:
                 f"{', '.join(DEFAULT_PORTS)}"
             )
         ports[name] = int(value)
+    for component in args.components:  # before anything starts
+        if component in EXTRA_MODULES["team"]:
+            require("team", component, f"the team stack's {component}")
     info = start_stack(state, ports, args.components)
     env_file = write_env_file(info, args.env_file)
     if "s3" in info.pids and not args.no_dvc_remote:

