@@ -8,10 +8,13 @@ STAMP := $(VENV)/.fitscope-core
 TEAM_STAMP := $(VENV)/.fitscope-team
 DEV_STAMP := $(VENV)/.fitscope-dev
 PIP_INSTALL = $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	$(if $(LOCAL_TORCH),--find-links $(TORCH_WHEELS)) \
 	$(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
-# Optional extra index for torch wheels, e.g. a CPU-only wheel index on machines
-# that have no local torch wheel (the default index serves the CUDA build).
-TORCH_INDEX_URL ?=
+# torch never comes as PyPI's multi-GB CUDA build: from a directory of local CPU wheels
+# where the machine has one (TORCH_WHEELS), else from PyTorch's CPU wheel index.
+TORCH_WHEELS ?= /opt/wheels
+LOCAL_TORCH := $(wildcard $(TORCH_WHEELS)/torch-*+cpu-*.whl)
+TORCH_INDEX_URL ?= $(if $(LOCAL_TORCH),,https://download.pytorch.org/whl/cpu)
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 # dvc with the venv first on PATH, so its stages find fitscope and fitscope-train.

@@ -36,17 +36,21 @@ def weights(run_dir):
     return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
 
-def kill_after_first_checkpoint(args: list[str], cwd, mlflow_uri: str, study: str):
-    """Start a run and SIGKILL it once its first checkpoint is written; the checkpoint."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
-    proc = subprocess.Popen(
+def start_train(args: list[str], cwd, mlflow_uri: str) -> subprocess.Popen:
+    """`python -m fitscope.train ARGS` in the background, in its own session."""
+    return subprocess.Popen(
         [sys.executable, "-m", "fitscope.train", *args],
         cwd=cwd,
-        env=env,
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def kill_after_first_checkpoint(args: list[str], cwd, mlflow_uri: str, study: str):
+    """Start a run and SIGKILL it once its first checkpoint is written; the checkpoint."""
+    proc = start_train(args, cwd, mlflow_uri)
     deadline = time.monotonic() + 300
     while not (found := list(cwd.glob(f"checkpoints/{study}/*/last.ckpt"))):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
@@ -152,15 +156,7 @@ def test_metrics_reach_mlflow_by_time_so_a_kill_loses_little(processed_dir, tmp_
         "study=t_flush",
         f"paths.run_dir={tmp_path / 'run'}",
     ]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fitscope.train", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_train(args, tmp_path, mlflow_uri)
     client = get_client(mlflow_uri)
     deadline, logged = time.monotonic() + 120, []
     try:

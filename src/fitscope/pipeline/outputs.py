@@ -148,14 +148,14 @@ def restore_outputs(client, run_id: str, run_dir: Path) -> bool:
     wanted = [name for name in RUN_FILES if name in logged]
     if "metrics.json" not in wanted or "history.csv" not in wanted:
         return False
-    with tempfile.TemporaryDirectory(dir=run_dir.parent) as tmp:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir) as tmp:  # same filesystem: moves are renames
         try:
             for name in wanted:
                 client.download_artifacts(run_id, name, tmp)
         except (MlflowException, OSError) as exc:
             log.warning("could not restore run %s's files: %s", run_id, exc)
             return False
-        run_dir.mkdir(parents=True, exist_ok=True)
         for name in wanted:  # in RUN_FILES order: metrics.json last
             shutil.move(Path(tmp) / name, run_dir / name)
     return True
