@@ -53,10 +53,15 @@ def test_bench_smoke_runs_every_path_to_its_end(tmp_path):
         "gpu_path_on_cpu",
         "load_points_per_s",
         "study_minutes",
+        "study_floor_minutes",
+        "study_floor_ratio",
         "ingest_s_per_11M_rows",
     ):
         assert key in figures, key
     assert figures["smoke"] is True and figures["study_minutes"] > 0
+    # The floor is what the runs' matmuls take at the measured peak: never above the wall.
+    assert 0 < figures["study_floor_minutes"] < figures["study_minutes"]
+    assert figures["study_floor_ratio"] > 1
     assert set(figures["startup_s"]) == {"fetch", "split", "train", "evaluate", "report"}
     after = (
         (REPO / "reports" / "bench.json").read_bytes()

@@ -39,7 +39,8 @@ def finished_per_parent_and_config(client) -> Counter:
 
 def test_an_interrupted_train_stage_resumes_and_a_changed_one_retrains(repo_copy):
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
-    params["study"].update(profile="debug", seeds="0", jobs=1)  # tiny first, then large
+    # Side by side (the longest, large, starts first): tiny ends while large trains.
+    params["study"].update(profile="debug", seeds="0", jobs=2)
     tiny = params["variants"]["higgs"]["higgs-tiny"]
     params["variants"]["higgs"] = {
         "higgs-tiny": tiny,

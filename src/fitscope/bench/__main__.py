@@ -16,10 +16,17 @@ import torch
 from fitscope.bench.gpu import gpu_main, gpu_throughput
 from fitscope.bench.ingest import BASE_ROWS, report_ingest
 from fitscope.bench.load import load_figures
-from fitscope.bench.loops import bench_large, bench_tiny, embedded_higgs, report_checkpoint_cost
+from fitscope.bench.loops import (
+    bench_large,
+    bench_tiny,
+    embedded_higgs,
+    matmul_peak_gflops,
+    report_checkpoint_cost,
+)
 from fitscope.bench.record import BENCH_JSON, print_table, record
 from fitscope.bench.startup import startup
-from fitscope.bench.study import study_minutes
+from fitscope.bench.study import time_study
+from fitscope.training.threads import usable_cpus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +89,15 @@ def training_figures(args: argparse.Namespace) -> dict[str, Any]:
         figures |= bench_large(dm, args.large_epochs, args.large_rounds, Path(tmp))
     if args.study:
         figures["study_profile"] = args.study
-        figures["study_minutes"] = study_minutes(args.study)
+        figures |= time_study(args.study, study_peak, usable_cpus())
     figures["threads"] = 1
     return figures
+
+
+def study_peak(precision: str) -> float:
+    """One core's matmul peak at ``precision`` (the study's runs each use their share)."""
+    torch.set_num_threads(1)
+    return matmul_peak_gflops(precision=precision)
 
 
 def smoke(out: Path) -> None:
@@ -98,7 +111,7 @@ def smoke(out: Path) -> None:
         report_checkpoint_cost(dm, Path(tmp))
     figures |= {"gpu_path_on_cpu": gpu_throughput(4_000, 500, "32-true", device="cpu")}
     figures |= load_figures(jobs=2, epochs=2)
-    figures["study_minutes"] = study_minutes("debug", one_variant_per_dataset=True)
+    figures |= time_study("debug", study_peak, usable_cpus(), one_variant_per_dataset=True)
     figures["smoke"] = True
     record_and_print(figures, out)
     startup(out)

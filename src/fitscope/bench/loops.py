@@ -6,7 +6,6 @@ the matmul peak, bf16 against fp32, and what progress lines and checkpoints cost
 from __future__ import annotations
 
 import io
-import itertools
 import math
 import statistics
 import time
@@ -23,7 +22,7 @@ from fitscope.core.progress import LineProgress
 from fitscope.data.higgs import fetch_higgs, split_higgs
 from fitscope.data.params import HiggsParams
 from fitscope.model.metrics import classification_metrics, data_loss
-from fitscope.model.mlp import FastDropout, build_mlp
+from fitscope.model.mlp import FastDropout, build_mlp, epoch_flop
 from fitscope.training.callbacks import (
     EpochHistory,
     EpochProgress,
@@ -209,20 +208,19 @@ def progress_seconds_per_epoch(epochs: int = 2000) -> float:
 
 
 def epoch_gflop(dm: ArrayDataModule, width: int, depth: int) -> float:
-    """GFLOP of one training epoch plus validation of a ``width`` x ``depth`` MLP: 2 per
-    multiply-add of every Linear layer, 3x that for training rows (forward + backward)."""
-    features = dm.num_features
-    dims = [features, *([width] * depth), 1]
-    macs = sum(a * b for a, b in itertools.pairwise(dims))
-    rows = len(dm.tensors["train"][1])
-    val_rows = len(dm.tensors["val"][1])
-    return 2 * macs * (3 * rows + val_rows) / 1e9
+    """GFLOP of one training epoch plus validation of a ``width`` x ``depth`` binary MLP."""
+    rows, val_rows = len(dm.tensors["train"][1]), len(dm.tensors["val"][1])
+    return epoch_flop(dm.num_features, 1, width, depth, rows, val_rows) / 1e9
 
 
-def matmul_peak_gflops(width: int = 512, batch: int = 500, repeats: int = 200) -> float:
+def matmul_peak_gflops(
+    width: int = 512, batch: int = 500, repeats: int = 200, precision: str = "32-true"
+) -> float:
     """GFLOP/s of the large model's dominant product (batch x width @ width x width), the
-    best of 5 runs: what this core reaches on exactly these shapes."""
-    a, b = torch.randn(batch, width), torch.randn(width, width)
+    best of 5 runs: what this core reaches on exactly these shapes, in float32 or, for
+    ``bf16-mixed``, in bfloat16 (what autocast multiplies in)."""
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    a, b = torch.randn(batch, width, dtype=dtype), torch.randn(width, width, dtype=dtype)
     for _ in range(20):
         a @ b
     best = math.inf

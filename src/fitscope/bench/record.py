@@ -27,7 +27,7 @@ GOALS = {
     "large_efficiency": ">= 0.8",
     "tracking_overhead": "<= 0.02",
     "checkpoint_overhead": "<= 0.01",
-    "study_minutes": "<= 9",
+    "study_floor_ratio": "<= 1.5",
 }
 
 

@@ -1,23 +1,36 @@
-"""The whole study timed as a user runs it (``--study``): ``dvc repro`` in a scratch copy."""
+"""The whole study timed as a user runs it (``--study``): ``dvc repro`` in a scratch copy,
+and its hardware floor: the matmul FLOPs of the epochs its runs trained over what every
+core of this machine does at its measured peak."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from fitscope.model.mlp import epoch_flop
 
-def study_minutes(profile: str, one_variant_per_dataset: bool = False) -> float:
+
+def time_study(
+    profile: str,
+    peak_gflops: Callable[[str], float],
+    cores: int,
+    one_variant_per_dataset: bool = False,
+) -> dict[str, Any]:
     """Wall minutes of ``dvc repro`` (the study, ``study.profile=profile``) in a scratch copy
     of this checkout (what git tracks plus untracked, unignored files), with its own
-    MLflow store: nothing here is touched. ``one_variant_per_dataset``: only the first
-    variant of each dataset, seed 0 (``--smoke``)."""
+    MLflow store: nothing here is touched; and its floor (:func:`floor_minutes`), from
+    ``peak_gflops(precision)`` of one core and ``cores``. ``one_variant_per_dataset``: only
+    the first variant of each dataset, seed 0 (``--smoke``)."""
     root = Path(subprocess.check_output(["git", "rev-parse", "--show-toplevel"], text=True).strip())
     listed = subprocess.check_output(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, text=True
@@ -50,4 +63,40 @@ def study_minutes(profile: str, one_variant_per_dataset: bool = False) -> float:
         dvc = Path(sys.executable).with_name("dvc")
         start = time.perf_counter()
         subprocess.run([str(dvc), "repro"], cwd=copy, env=env, check=True)
-        return (time.perf_counter() - start) / 60
+        minutes = (time.perf_counter() - start) / 60
+        floor = floor_minutes(copy, peak_gflops, cores)
+    return {
+        "study_minutes": minutes,
+        "study_floor_minutes": floor,
+        "study_floor_ratio": minutes / floor,
+    }
+
+
+def floor_minutes(repo: Path, peak_gflops: Callable[[str], float], cores: int) -> float:
+    """The study's hardware floor: for every run in ``repo/runs``, the matmul FLOPs of the
+    epochs it trained (its model's layer shapes, its split's rows: model.mlp.epoch_flop)
+    at ``peak_gflops`` of the precision it trained in, spread over ``cores`` cores."""
+    seconds = 0.0
+    peaks: dict[str, float] = {}
+    for metrics_file in sorted((repo / "runs").glob("*/*/*/metrics.json")):
+        metrics = json.loads(metrics_file.read_text())
+        config = yaml.safe_load((metrics_file.parent / ".hydra" / "config.yaml").read_text())
+        data, model = config["data"], config["model"]
+        manifest = json.loads(
+            (repo / "data/processed" / data["name"] / "manifest.json").read_text()
+        )
+        splits = manifest["splits"]
+        out = 1 if data["task"] == "binary" else data["num_classes"]
+        flop = epoch_flop(
+            splits["train"]["features"],
+            out,
+            model["width"],
+            model["depth"],
+            data["train_size"] or splits["train"]["rows"],
+            splits["val"]["rows"],
+        )
+        precision = metrics["precision"]
+        if precision not in peaks:
+            peaks[precision] = peak_gflops(precision)
+        seconds += metrics["epochs_run"] * flop / (peaks[precision] * 1e9)
+    return seconds / cores / 60

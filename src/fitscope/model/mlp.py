@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -127,6 +128,17 @@ def l2_penalty(model: nn.Module, coefficient: float, *, include_output: bool) ->
     if coefficient == 0.0 or not weights:
         return torch.zeros((), device=next(model.parameters()).device)
     return coefficient * sum(w.pow(2).sum() for w in weights)
+
+
+def epoch_flop(
+    in_features: int, out_features: int, width: int, depth: int, train_rows: int, val_rows: int
+) -> float:
+    """The matmul FLOPs of one epoch of a ``width`` x ``depth`` MLP: 2 per multiply-add of
+    every Linear layer, 3x that for a training row (forward, input and weight gradients),
+    1x for a validation row. What a study's hardware floor counts (nothing else is free)."""
+    dims = [in_features, *([width] * depth), out_features]
+    macs = sum(a * b for a, b in itertools.pairwise(dims))
+    return 2.0 * macs * (3 * train_rows + val_rows)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -40,7 +40,8 @@ def cross_jobs(jobs: list[list[str]], grid: list[list[str]]) -> list[list[str]]:
 
 
 class JobListSweeper(BasicSweeper):
-    """The basic sweeper, whose jobs are ``jobs`` crossed with the swept values."""
+    """The basic sweeper, whose jobs are ``jobs`` crossed with the swept values, longest
+    expected first."""
 
     def __init__(
         self,
@@ -51,10 +52,18 @@ class JobListSweeper(BasicSweeper):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.jobs = [[str(o) for o in job] for job in jobs]
 
+    def _compose(self, job: list[str]) -> Any:
+        """A job's config, as Hydra composes it for the job."""
+        return self.hydra_context.config_loader.load_sweep_config(self.config, job)
+
     def split_arguments(  # type: ignore[override]  # an instance method: it needs the jobs
         self, overrides: list[Override], max_batch_size: int | None
     ) -> list[list[list[str]]]:
         grid = BasicSweeper.split_arguments(overrides, None)[0]
         everything = cross_jobs(self.jobs, grid)
+        if self.jobs:  # a DVC train stage: its longest jobs start first (fitscope.pipeline)
+            from fitscope.pipeline.schedule import longest_first
+
+            everything = longest_first(everything, self._compose)
         size = max_batch_size or len(everything) or 1
         return [everything[i : i + size] for i in range(0, len(everything), size)]
