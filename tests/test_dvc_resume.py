@@ -97,6 +97,11 @@ def test_an_interrupted_train_stage_resumes_and_a_changed_one_retrains(repo_copy
     output = third.stdout + third.stderr
     assert "skipping" not in output and "resuming" not in output, output
     assert json.loads(tiny_metrics.read_text())["mlflow_run_id"] != kept["mlflow_run_id"]
+    # Side by side, one thread each; once tiny had finished, large took the idle core.
+    large_metrics = json.loads((repo_copy / "runs/higgs/higgs-large/0/metrics.json").read_text())
+    cores = len(os.sched_getaffinity(0))
+    assert large_metrics["num_threads"] == cores // 2
+    assert large_metrics["num_threads_at_end"] == cores
     after = finished_per_parent_and_config(client)
     assert len(after) == 4 and set(after.values()) == {1}, after
     assert len({parent for parent, _ in after}) == 2

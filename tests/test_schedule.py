@@ -54,3 +54,37 @@ def test_jobs_with_a_history_start_by_their_last_wall_time(processed_dir, mlflow
     # Another seed has no history either.
     other_seed = composer(processed_dir, "seed=1")
     assert longest_first(JOBS, other_seed)[0][-1] == "variant=l"
+
+
+def test_the_last_jobs_of_a_sweep_take_the_idle_cores(tmp_path):
+    from fitscope.training.threads import shared_threads
+
+    # 8 cores, 4 jobs at once: 2 threads each while 4 or more remain, then the share grows.
+    assert [shared_threads(8, 4, remaining, 2) for remaining in (9, 4, 3, 2, 1, 0)] == [
+        2,
+        2,
+        2,
+        4,
+        8,
+        8,
+    ]
+    assert shared_threads(8, 4, 1, 16) == 16  # never fewer than it has
+
+
+def test_the_hand_over_sets_torchs_threads_at_an_epoch_start(tmp_path):
+    import torch
+
+    from fitscope.training.callbacks import ShareIdleCores
+
+    done = tmp_path / "jobs_done"
+    callback = ShareIdleCores(done, total=3, at_once=2, cores=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        callback.on_train_epoch_start(None, None)  # no job done: 3 remain, 2 run
+        assert torch.get_num_threads() == 1
+        done.write_bytes(b"..")  # two jobs done: this one runs alone
+        callback.on_train_epoch_start(None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

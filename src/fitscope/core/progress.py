@@ -185,3 +185,4 @@ def job_done(
 
 
 JOBS_DONE_FILE = "jobs_done"  # in a sweep directory: one byte per finished job
+SWEEP_JOBS_ENV = "FITSCOPE_SWEEP_JOBS"  # a sweep's job count, for the "jobs done" lines

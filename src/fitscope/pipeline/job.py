@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from fitscope.core.errors import FitscopeError
 from fitscope.core.fileio import check_writable_dir, write_json
+from fitscope.core.progress import JOBS_DONE_FILE, SWEEP_JOBS_ENV
 from fitscope.pipeline.claim import OpenedRun, checkpoint_dir, claim_or_resume, resume_point
 from fitscope.pipeline.identity import run_config
 from fitscope.pipeline.lifecycle import (
@@ -30,11 +32,11 @@ from fitscope.pipeline.outputs import RESUME_RUN_FILE, write_outputs
 from fitscope.pipeline.schema import TrainConfig, check
 from fitscope.tracking.parents import close_parent
 from fitscope.tracking.tags import config_hash
-from fitscope.training.callbacks import InterruptWatch
+from fitscope.training.callbacks import InterruptWatch, ShareIdleCores
 from fitscope.training.datamodule import ArrayDataModule
 from fitscope.training.fit import checkpointing, fit_run
 from fitscope.training.precision import resolve_precision
-from fitscope.training.threads import resolve_num_threads
+from fitscope.training.threads import AUTO, resolve_num_threads, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +138,18 @@ def _claim_and_fit(
         run_dir,
         sink=tracker,
         logged_through=resume.get("logged_through", -1),
-        extra_callbacks=(watch,),
+        extra_callbacks=(watch, *idle_cores(cfg)),
         live_progress=False if in_worker() else None,  # sweep workers share a terminal
         ckpt_dir=ckpt_dir,
         precision=opened.precision,
         num_threads=opened.num_threads,
         resume_from=resume.get("resume_from"),
     )
-    hardware = {"precision": opened.precision, "num_threads": opened.num_threads}
+    hardware = {
+        "precision": opened.precision,
+        "num_threads": opened.num_threads,
+        "num_threads_at_end": result.threads_at_end,  # more, where idle cores were handed over
+    }
     value = write_outputs(cfg, dm, run_dir, tracker, result, hardware)
     if not cfg.callbacks.checkpoint.keep:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -193,6 +199,22 @@ def _close(cfg: DictConfig, opened: OpenedRun) -> None:
                 interrupted=outcome == "interrupted",
                 failed=outcome == "failed",
             )
+
+
+def idle_cores(cfg: DictConfig) -> list[ShareIdleCores]:
+    """The hand-over of idle cores to a job of a joblib sweep whose threads are ``auto``
+    (a DVC train stage with ``study.jobs`` > 1): the last jobs use the cores the others
+    left (docs/pipeline.md)."""
+    if not HydraConfig.initialized() or processes(cfg) > 1 or cfg.trainer.num_threads != AUTO:
+        return []
+    hc = HydraConfig.get()
+    at_once, total = hc.launcher.get("n_jobs"), os.environ.get(SWEEP_JOBS_ENV, "")
+    if "joblib" not in str(hc.launcher.get("_target_", "")) or not total.isdigit():
+        return []
+    if not isinstance(at_once, int) or at_once < 2:
+        return []
+    done_file = Path(hc.sweep.dir) / JOBS_DONE_FILE
+    return [ShareIdleCores(done_file, int(total), at_once, usable_cpus())]
 
 
 def processes(cfg: DictConfig) -> int:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from fitscope.core.dirlock import HOLD_FILE, hold_dir, release_dir
 from fitscope.core.errors import first_line
 from fitscope.core.fileio import check_writable_dir
-from fitscope.core.progress import JOBS_DONE_FILE, job_done
+from fitscope.core.progress import JOBS_DONE_FILE, SWEEP_JOBS_ENV, job_done
 from fitscope.pipeline.cluster import prepare_driver
 from fitscope.pipeline.identity import entry_name, parent_spec, study_description
 from fitscope.pipeline.job import validate
@@ -179,7 +179,6 @@ def _say_records_wait() -> None:
 
 
 FAILED_JOBS = "failed_jobs.tsv"
-SWEEP_JOBS_ENV = "FITSCOPE_SWEEP_JOBS"  # a sweep's job count, for the "jobs done" lines
 
 
 def _validate_sweep(config: DictConfig) -> dict[str, DictConfig]:

@@ -20,6 +20,7 @@ from fitscope.core.errors import FitscopeError
 from fitscope.core.fileio import atomic_path, write_csv
 from fitscope.core.progress import LineProgress, duration
 from fitscope.training.module import FitModule
+from fitscope.training.threads import shared_threads
 
 
 class EpochHistory(pl.Callback):
@@ -178,6 +179,24 @@ class PeriodicCheckpoint(Checkpoint):
             trainer.save_checkpoint(tmp, weights_only=False)  # full state: resumable
         self.last_save = time.monotonic()
         self.saved += 1
+
+
+class ShareIdleCores(pl.Callback):
+    """At each epoch's start, takes the cores a sweep's finished jobs left idle: once fewer
+    jobs remain than run side by side, the running ones share every core
+    (threads.shared_threads). ``done_file`` grows a byte per finished job (core.progress).
+    Only the thread count changes: a matmul's sums may then round differently in the
+    last bits (docs/benchmarks.md)."""
+
+    def __init__(self, done_file: Path, total: int, at_once: int, cores: int) -> None:
+        self.done_file, self.total, self.at_once, self.cores = done_file, total, at_once, cores
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done = self.done_file.stat().st_size if self.done_file.exists() else 0
+        current = torch.get_num_threads()
+        wanted = shared_threads(self.cores, self.at_once, self.total - done, current)
+        if wanted != current:
+            torch.set_num_threads(wanted)
 
 
 class InterruptWatch(pl.Callback):

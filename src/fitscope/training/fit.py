@@ -50,6 +50,7 @@ class FitResult:
     model: Any  # the MLP on the CPU, eval mode, holding the selected epoch's weights
     scores: dict[str, float]  # held-out test metrics, and train_eval_loss
     constant_val_loss: float  # a constant predictor's val loss (results.verdict: diverged)
+    threads_at_end: int  # torch threads when the fit ended (callbacks.ShareIdleCores)
 
     @property
     def rows(self) -> list[dict[str, float]]:
@@ -264,6 +265,8 @@ def _fit(trainer, module, dm, strategy: str, threads: int, resume_from, returned
 
 
 def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) -> FitResult:
+    import torch
+
     rows = watch.history.rows
     selected = rows[-1]["epoch"]
     if watch.restore is not None and watch.restore.best_epoch is not None:
@@ -291,4 +294,5 @@ def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) ->
         model=mlp.to("cpu").eval(),
         scores=scores,
         constant_val_loss=constant_loss(train_split[1], dm.tensors["val"][1], cfg.data.num_classes),
+        threads_at_end=torch.get_num_threads(),
     )

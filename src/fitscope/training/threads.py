@@ -36,3 +36,11 @@ def resolve_num_threads(value: int | str, processes: int = 1, cpus: int | None =
     if env.isdigit() and int(env) >= 1:
         return int(env)
     return max(1, (cpus or usable_cpus()) // processes)
+
+
+def shared_threads(cores: int, at_once: int, remaining: int, current: int) -> int:
+    """The torch threads a sweep job may use once fewer than ``at_once`` jobs remain of a
+    sweep that runs ``at_once`` side by side on ``cores``: the idle cores' share, and
+    never fewer than it has (``current``)."""
+    running = max(1, min(at_once, remaining))
+    return max(current, cores // running)
