@@ -13,7 +13,8 @@ PIP_INSTALL = $(BIN)/python -m pip install --quiet --disable-pip-version-check \
 # torch never comes as PyPI's multi-GB CUDA build: from a directory of local CPU wheels
 # where the machine has one (TORCH_WHEELS), else from PyTorch's CPU wheel index.
 TORCH_WHEELS ?= /opt/wheels
-LOCAL_TORCH := $(wildcard $(TORCH_WHEELS)/torch-*+cpu-*.whl)
+TORCH_VERSION := $(shell sed -n 's/.*"torch==\([0-9.]*\)".*/\1/p' pyproject.toml)
+LOCAL_TORCH := $(wildcard $(TORCH_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl)
 TORCH_INDEX_URL ?= $(if $(LOCAL_TORCH),,https://download.pytorch.org/whl/cpu)
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg

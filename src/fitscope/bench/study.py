@@ -65,6 +65,8 @@ def time_study(
         subprocess.run([str(dvc), "repro"], cwd=copy, env=env, check=True)
         minutes = (time.perf_counter() - start) / 60
         floor = floor_minutes(copy, peak_gflops, cores)
+    if floor <= 0:
+        raise RuntimeError("the study left no run with a metrics.json: no floor to compare with")
     return {
         "study_minutes": minutes,
         "study_floor_minutes": floor,

@@ -25,24 +25,30 @@ def hold_dir(directory: str | os.PathLike[str], what: str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hold, me = directory / HOLD_FILE, Owner.current()
-    for _ in range(3):  # a dead holder's file is removed, then created again as ours
-        try:
-            fd = os.open(hold, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _holder(hold)
-            if holder == me:
-                return hold
-            if holder is not None and holder.alive() is not False:
-                raise FitscopeError(
-                    f"{what}={directory} is in use by the sweep in {holder}. Fix: wait for "
-                    f"it to end, or set another {what}"
-                ) from None
-            hold.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me.token())
-        atexit.register(release_dir, hold)
-        return hold
+    # The token is written first and linked into place: the hold file never exists empty.
+    mine = directory / f"{HOLD_FILE}.{os.getpid()}"
+    mine.write_text(me.token())
+    try:
+        for _ in range(3):  # a dead holder's file is removed, then linked again as ours
+            try:
+                os.link(mine, hold)
+            except FileExistsError:
+                token = _token(hold)
+                holder = Owner.parse(token)
+                if holder == me:
+                    return hold
+                if holder is not None and holder.alive() is not False:
+                    raise FitscopeError(
+                        f"{what}={directory} is in use by the sweep in {holder}. Fix: wait "
+                        f"for it to end, or set another {what}"
+                    ) from None
+                if _token(hold) == token:  # still the dead one (not just taken by another)
+                    hold.unlink(missing_ok=True)
+                continue
+            atexit.register(release_dir, hold)
+            return hold
+    finally:
+        mine.unlink(missing_ok=True)
     raise FitscopeError(f"could not hold {what}={directory}. Fix: run the command again")
 
 
@@ -53,8 +59,12 @@ def release_dir(hold: Path) -> None:
             hold.unlink()
 
 
-def _holder(hold: Path) -> Owner | None:
+def _token(hold: Path) -> str | None:
     try:
-        return Owner.parse(hold.read_text())
+        return hold.read_text()
     except (FileNotFoundError, UnicodeDecodeError):
         return None
+
+
+def _holder(hold: Path) -> Owner | None:
+    return Owner.parse(_token(hold))

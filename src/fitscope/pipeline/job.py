@@ -36,7 +36,12 @@ from fitscope.training.callbacks import InterruptWatch, ShareIdleCores
 from fitscope.training.datamodule import ArrayDataModule
 from fitscope.training.fit import checkpointing, fit_run
 from fitscope.training.precision import resolve_precision
-from fitscope.training.threads import AUTO, resolve_num_threads, usable_cpus
+from fitscope.training.threads import (
+    AUTO,
+    THREADS_FIXED_ENV,
+    resolve_num_threads,
+    usable_cpus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +211,8 @@ def idle_cores(cfg: DictConfig) -> list[ShareIdleCores]:
     (a DVC train stage with ``study.jobs`` > 1): the last jobs use the cores the others
     left (docs/pipeline.md)."""
     if not HydraConfig.initialized() or processes(cfg) > 1 or cfg.trainer.num_threads != AUTO:
+        return []
+    if os.environ.get(THREADS_FIXED_ENV):  # the user capped the threads (OMP_NUM_THREADS)
         return []
     hc = HydraConfig.get()
     at_once, total = hc.launcher.get("n_jobs"), os.environ.get(SWEEP_JOBS_ENV, "")

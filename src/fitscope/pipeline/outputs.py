@@ -142,18 +142,16 @@ def restore_outputs(client, run_id: str, run_dir: Path) -> bool:
     """Put a finished run's files back into ``run_dir`` from its MLflow artifacts (a DVC
     stage re-run after an interrupt: DVC deleted the stage's outputs). False, with nothing
     written, when the run lacks one of them."""
-    from mlflow.exceptions import MlflowException
-
-    logged = {a.path for a in client.list_artifacts(run_id)}
-    wanted = [name for name in RUN_FILES if name in logged]
-    if "metrics.json" not in wanted or "history.csv" not in wanted:
-        return False
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:  # same filesystem: moves are renames
-        try:
+        try:  # any artifact store (a proxy's HTTP errors, S3's, GCS's): retrain if it fails
+            logged = {a.path for a in client.list_artifacts(run_id)}
+            wanted = [name for name in RUN_FILES if name in logged]
+            if "metrics.json" not in wanted or "history.csv" not in wanted:
+                return False
             for name in wanted:
                 client.download_artifacts(run_id, name, tmp)
-        except (MlflowException, OSError) as exc:
+        except Exception as exc:
             log.warning("could not restore run %s's files: %s", run_id, exc)
             return False
         for name in wanted:  # in RUN_FILES order: metrics.json last

@@ -125,12 +125,12 @@ def stage_inputs(stage: str) -> str | None:
 
     try:
         with Repo() as repo:
-            (found,) = repo.stage.collect(stage)
+            (found,) = repo.stage.collect(f"{repo.root_dir}/dvc.yaml:{stage}")
             deps = []
             for dep in found.deps:
                 dep.save()
                 deps.append((str(dep.def_path), dep.hash_info.value))
-    except (DvcException, ValueError) as exc:
+    except (DvcException, ValueError, OSError) as exc:
         log.info("no DVC stage %s (%s): its jobs train afresh", stage, exc)
         return None
     text = json.dumps(sorted(deps, key=lambda d: d[0]), sort_keys=True, default=str)

@@ -37,6 +37,7 @@ from fitscope.tracking.tags import (
     source_tags,
     sweep_parents,
 )
+from fitscope.training.threads import THREADS_FIXED_ENV
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class SweepCallback(Callback):
         # Two sweeps in one directory would mix their jobs' files: the second is refused
         # before it touches any (the counters of an earlier sweep there are reset after).
         hold_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+        # Workers inherit it; joblib sets OMP_NUM_THREADS in them, never in this process.
+        os.environ[THREADS_FIXED_ENV] = "1" if os.environ.get("OMP_NUM_THREADS") else ""
         (Path(config.hydra.sweep.dir) / FAILED_JOBS).unlink(missing_ok=True)
         (Path(config.hydra.sweep.dir) / JOBS_DONE_FILE).unlink(missing_ok=True)
         if config.logger.name == "mlflow":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+import zipfile
 from pathlib import Path
 
 from fitscope.core.errors import first_line
@@ -27,6 +28,8 @@ def unreadable_reason(path: Path) -> str | None:
 
     if path.stat().st_size == 0:
         return "it is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this one is cut or not one
+        return "it is not a readable checkpoint (truncated, or not a torch.save archive)"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

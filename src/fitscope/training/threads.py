@@ -17,6 +17,9 @@ from __future__ import annotations
 import os
 
 AUTO = "auto"
+# Set by a sweep started with OMP_NUM_THREADS (a cap its user chose, e.g. two queued DVC
+# experiments side by side): its jobs then keep their threads, no idle-core hand-over.
+THREADS_FIXED_ENV = "FITSCOPE_THREADS_FIXED"
 
 
 def usable_cpus() -> int:
