@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from fitscope.model.mlp import epoch_flop
+from fitscope.data.splits import read_manifest
+from fitscope.pipeline.schedule import run_epoch_flop
 
 
 def time_study(
@@ -76,27 +77,18 @@ def time_study(
 
 def floor_minutes(repo: Path, peak_gflops: Callable[[str], float], cores: int) -> float:
     """The study's hardware floor: for every run in ``repo/runs``, the matmul FLOPs of the
-    epochs it trained (its model's layer shapes, its split's rows: model.mlp.epoch_flop)
+    epochs it trained (its model's layer shapes, its split's rows: schedule.run_epoch_flop)
     at ``peak_gflops`` of the precision it trained in, spread over ``cores`` cores."""
     seconds = 0.0
     peaks: dict[str, float] = {}
+    splits: dict[str, dict] = {}  # per dataset, from its manifest
     for metrics_file in sorted((repo / "runs").glob("*/*/*/metrics.json")):
         metrics = json.loads(metrics_file.read_text())
         config = yaml.safe_load((metrics_file.parent / ".hydra" / "config.yaml").read_text())
-        data, model = config["data"], config["model"]
-        manifest = json.loads(
-            (repo / "data/processed" / data["name"] / "manifest.json").read_text()
-        )
-        splits = manifest["splits"]
-        out = 1 if data["task"] == "binary" else data["num_classes"]
-        flop = epoch_flop(
-            splits["train"]["features"],
-            out,
-            model["width"],
-            model["depth"],
-            data["train_size"] or splits["train"]["rows"],
-            splits["val"]["rows"],
-        )
+        data = config["data"]
+        if data["name"] not in splits:
+            splits[data["name"]] = read_manifest(repo / "data/processed" / data["name"])["splits"]
+        flop = run_epoch_flop(data, config["model"], splits[data["name"]])
         precision = metrics["precision"]
         if precision not in peaks:
             peaks[precision] = peak_gflops(precision)

@@ -27,8 +27,12 @@ INSTALL = {
     "team": "`make stack` installs it (or pip install -e '.[team]' in the repository)",
 }
 # Hydra launcher choices (hydra/launcher=...) and the cluster part each needs.
-LAUNCHERS = {"ray": "ray", "submitit_local": "submitit", "submitit_slurm": "submitit"}
-LAUNCHERS["slurm"] = "submitit"  # conf/hydra/launcher/slurm.yaml: submitit's SLURM launcher
+LAUNCHERS = {
+    "ray": "ray",
+    "submitit_local": "submitit",
+    "submitit_slurm": "submitit",
+    "slurm": "submitit",  # conf/hydra/launcher/slurm.yaml: submitit's SLURM launcher
+}
 
 
 def installed(module: str) -> bool:

@@ -124,7 +124,8 @@ def _claim_and_fit(
         skipped = claim_or_resume(cfg, dm, guard, opened)
         if skipped is not None:
             return skipped
-    # Training: an older metrics.json here (a DVC stage's kept output) no longer says done.
+    # Training: an older run's metrics.json here (`fitscope train` again by hand) no longer
+    # says done until this run writes its own.
     (run_dir / "metrics.json").unlink(missing_ok=True)
     ckpt_dir = checkpoint_dir(cfg, chash)
     # This process holds the config now: its checkpoint is ours to use or drop.

@@ -41,13 +41,14 @@ def write_outputs(
     """
     value = finite_value(result.row[cfg.objective], cfg.objective)
     summary = result.summary()
-    if own_verdict(result.rows, result.constant_val_loss) == "diverged":
+    verdict = own_verdict(result.rows, result.constant_val_loss)
+    if verdict == "diverged":
         log.warning("fitscope: %s %s", cfg.variant, diverged_note(summary))
     _save_files(cfg, run_dir, result)
     metrics: dict[str, Any] = {metrics_file_key(k): v for k, v in summary.items()}
     metrics |= {"seed": cfg.seed, **hardware}
     if tracker is not None:
-        metrics |= _track(cfg, dm, tracker, result, summary, run_dir, metrics)
+        metrics |= _track(cfg, dm, tracker, result, summary, run_dir, metrics, verdict)
     # Written last: a metrics.json means the run, its outputs and its tracking are complete.
     write_json(run_dir / "metrics.json", metrics)
     log.info(
@@ -77,11 +78,18 @@ def _save_files(cfg: DictConfig, run_dir: Path, result: FitResult) -> None:
 
 
 def _track(
-    cfg: DictConfig, dm, tracker, result: FitResult, summary: dict, run_dir: Path, metrics: dict
+    cfg: DictConfig,
+    dm,
+    tracker,
+    result: FitResult,
+    summary: dict,
+    run_dir: Path,
+    metrics: dict,
+    verdict: str,
 ) -> dict[str, Any]:
     """The run's record in MLflow, ended FINISHED; what metrics.json adds about it."""
     added: dict[str, Any] = {"mlflow_run_id": tracker.run_id}
-    log_run_record(cfg, dm, tracker, result.rows, summary, run_dir)
+    log_run_record(cfg, dm, tracker, result.rows, summary, run_dir, verdict)
     if cfg.logger.log_model:
         info = tracker.log_model(
             ProbabilityModel(result.model, cfg.data.task),
@@ -108,10 +116,17 @@ def diverged_note(summary: dict[str, float]) -> str:
 
 
 def log_run_record(
-    cfg: DictConfig, dm, tracker, rows: list[dict[str, float]], summary: dict[str, float], run_dir
+    cfg: DictConfig,
+    dm,
+    tracker,
+    rows: list[dict[str, float]],
+    summary: dict[str, float],
+    run_dir,
+    verdict: str,
 ) -> None:
     """Everything a reviewer reads in the MLflow UI besides the curves: summary metrics at
-    the selected epoch, the dataset, the verdict and description, and the run's files."""
+    the selected epoch, the dataset, the run's own ``verdict`` and description, and the
+    run's files."""
     selected = int(summary["fit/best_epoch"])
     tracker.log_summary(summary, step=selected)
     manifest = json.loads(dm.manifest_path.read_text())
@@ -122,7 +137,6 @@ def log_run_record(
         profile={s: v.get("rows") for s, v in manifest.get("splits", {}).items()},
         context="training",
     )
-    verdict = own_verdict(rows, summary["fit/constant_val_loss"])
     note = describe_run(cfg.variant, cfg.profile, verdict, summary, summary, provisional=True)
     tags = {"fitscope.verdict": verdict, "mlflow.note.content": note}
     if verdict == "diverged":

@@ -11,7 +11,7 @@ order changes no result; ties keep the order they came in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from omegaconf import DictConfig
@@ -24,20 +24,23 @@ from fitscope.tracking.tags import tag_equals
 log = logging.getLogger(__name__)
 
 
+def run_epoch_flop(data: Mapping, model: Mapping, splits: Mapping) -> float:
+    """The matmul FLOPs of one epoch of a run with config sections ``data`` and ``model``
+    (a composed config's, or a saved one's) on the splits of its manifest."""
+    return epoch_flop(
+        splits["train"]["features"],
+        1 if data["task"] == "binary" else data["num_classes"],
+        model["width"],
+        model["depth"],
+        data["train_size"] or splits["train"]["rows"],
+        splits["val"]["rows"],
+    )
+
+
 def work_flop(cfg: DictConfig) -> float:
     """The matmul FLOPs of ``cfg``'s run if it trains every epoch it may."""
     splits = read_manifest(cfg.data.dir)["splits"]
-    rows = cfg.data.train_size or splits["train"]["rows"]
-    out = 1 if cfg.data.task == "binary" else cfg.data.num_classes
-    per_epoch = epoch_flop(
-        splits["train"]["features"],
-        out,
-        cfg.model.width,
-        cfg.model.depth,
-        rows,
-        splits["val"]["rows"],
-    )
-    return per_epoch * cfg.trainer.max_epochs
+    return run_epoch_flop(cfg.data, cfg.model, splits) * cfg.trainer.max_epochs
 
 
 def previous_seconds(client: Any, cfg: DictConfig) -> float | None:

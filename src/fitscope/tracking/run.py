@@ -5,12 +5,9 @@ server cannot take them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ from fitscope.tracking import liveness
 from fitscope.tracking.liveness import create_owned_run, own_run
 from fitscope.tracking.offline import PendingRecord, spool_dir
 from fitscope.tracking.outcomes import FAILED, FINISHED, Outcome, end_run
-from fitscope.tracking.store import global_store, is_server, unreachable
+from fitscope.tracking.store import environment, global_store, is_server, unreachable
 from fitscope.tracking.tags import FAILURE_TAG
 
 log = logging.getLogger(__name__)
@@ -210,7 +207,7 @@ class RunTracker:
             # active run MLflow puts the LoggedModel in $MLFLOW_EXPERIMENT_ID: the run's.
             experiment_id = self.client.get_run(self.run_id).info.experiment_id
             store = global_store(self.client.tracking_uri)  # what mlflow.pytorch writes to
-            with store, _environment(MLFLOW_EXPERIMENT_ID=experiment_id):
+            with store, environment(MLFLOW_EXPERIMENT_ID=experiment_id):
                 # pip_requirements given explicitly: inferring them costs ~8 s per model.
                 info = mlflow.pytorch.log_model(
                     model,
@@ -271,18 +268,3 @@ def open_record(
     )
     record.update(params={k: str(v)[:6000] for k, v in params.items()}, tags=dict(tags))
     return record
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the block only (restored whatever happens)."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

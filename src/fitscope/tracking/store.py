@@ -87,6 +87,21 @@ MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 @contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block only (restored whatever happens)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def global_store(uri: str) -> Iterator[None]:
     """Point MLflow's process-global tracking and registry URIs at ``uri`` for the block.
 
@@ -101,19 +116,14 @@ def global_store(uri: str) -> Iterator[None]:
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    saved_env = {key: os.environ.get(key) for key in MLFLOW_URI_VARS}
-    tracking_utils.set_tracking_uri(uri)
-    registry_utils.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with environment(**dict.fromkeys(MLFLOW_URI_VARS, uri)):  # what MLflow exports them to
+        tracking_utils.set_tracking_uri(uri)
+        registry_utils.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            tracking_utils.set_tracking_uri(saved[0])
+            registry_utils._registry_uri = saved[1]
 
 
 # MLflow's defaults retry an unreachable server for about 4 minutes before failing;
