@@ -30,6 +30,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@# A venv of an older checkout has the released Optuna sweeper: it pins optuna<3 and
+	@# registers the config names of fitscope's own search sweeper.
+	@$(BIN)/python -m pip uninstall --quiet --yes hydra-optuna-sweeper 2>/dev/null || true
 	$(PIP_INSTALL) -e .
 	@touch $(STAMP)
 

@@ -252,7 +252,10 @@ def test_optional_search_pipeline(study_repo):
         md = (repo / "search" / "reports" / study / "search.md").read_text()
         assert md.count("| `") == 3
         assert "Random vs TPE on the same budget" in md
-        assert (repo / "search" / "reports" / study / "best_so_far.png").exists()
+        # Optuna's history of both studies, from the journals in the stages' outputs.
+        assert (repo / "search" / "reports" / study / "optimization_history.png").exists()
+    for sampler in ("random", "tpe"):
+        assert (repo / "search" / "runs" / sampler / "optuna.journal").stat().st_size > 0
     # The main pipeline neither runs nor depends on it.
     assert "Running stage" not in run(["dvc", "repro"], repo).stdout
 
@@ -369,6 +372,12 @@ def test_mlflow_ui_review_in_a_real_browser(study_repo):
             assert f"higgs-large (debug profile): {verdict}" in body
             assert f"Selected epoch {selected}" in body
             assert f"{trained['best_val_loss']}"[:8] in body  # best/val/loss, selected epoch
+            body = visit(  # MLflow's system metrics, sampled while it trained
+                f"/experiments/{exp.experiment_id}/runs/{child.info.run_id}/system-metrics",
+                "cpu_utilization_percentage",
+                "system_metrics.png",
+            )
+            assert "System metrics" in body
             body = visit(
                 f"/experiments/{exp.experiment_id}/models/{model_id}", "val/loss", "model.png"
             )

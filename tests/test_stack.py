@@ -21,6 +21,7 @@ from base64 import b64encode
 import pytest
 from conftest import job_metrics, make_repo_copy, nested_finished_children, run, runs_of, sweep
 
+from fitscope.search.storage import STACK_STORAGE_ENV, describe
 from fitscope.stack.control import (
     configure_dvc_remote,
     stack_status,
@@ -362,6 +363,29 @@ def test_optuna_search_runs_through_ray(stack_env, processed_dir, tmp_path):
     parents, _ = runs_of(client, "t_ray_search")
     best = max(c.data.metrics["best/val/acc"] for c in children)
     assert parents[0].data.metrics["best/val/acc"] == pytest.approx(best)
+    # The study is in the stack's PostgreSQL (its `optuna` database), its password kept
+    # out of the record; the Ray workers reported every epoch to it.
+    import optuna
+
+    storage = stack_env[STACK_STORAGE_ENV]
+    assert parents[0].data.tags["optuna.storage"] == describe(storage) != storage
+    study = optuna.load_study(study_name="t_ray_search", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert all(len(t.intermediate_values) == 2 for t in study.trials)
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {
+        c.info.run_id for c in children
+    }
+
+
+def test_the_benchs_load_measures_the_stack_without_losing_a_point(team_stack, stack_env):
+    """`make bench`'s load figures against this stack (the bench starts one of its own;
+    its smoke, tests/test_bench.py, measures a local store to stay short)."""
+    from fitscope.bench.load import load_figures
+
+    figures = load_figures(jobs=2, epochs=3, stack=team_stack, warmup_s=3)
+    assert figures["load_points_lost"] == 0 and figures["load_points_per_s"] > 0
+    assert figures["load_server"].startswith("team stack")
+    assert 0 < figures["load_stack_rss_idle_mb"] <= figures["load_stack_rss_peak_mb"]
 
 
 def test_stop_by_pid_then_start_keeps_runs_models_and_credentials(team_stack, team_repo):

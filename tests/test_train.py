@@ -79,6 +79,12 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
         summary["best_val_loss"] - summary["best_train_loss"]
     )
     assert (tmp_path / "run" / "history.csv").read_text().count("\n") == 4
+    # MLflow's system metrics (the System metrics tab): sampled while it trained, and at
+    # its end (a run this short has no full interval).
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        samples = client.get_metric_history(run.info.run_id, f"system/{name}")
+        assert samples and all(s.value >= 0 for s in samples), name
+    assert m["system/system_memory_usage_megabytes"] > 0
     _assert_run_page_says_what_the_run_found(client, run, tmp_path / "run", processed_dir)
 
     # The logged model predicts exactly what the saved best weights predict.
@@ -202,9 +208,11 @@ def test_mnist_debug_run(processed_dir, tmp_path, mlflow_uri):
         "trainer.max_epochs=2",
         "study=t_mnist",
         "regularization=weight_decay",
+        "logger.system_metrics=false",
     )
     value = train(cfg)
     run = only_run(get_client(), "t_mnist")
+    assert not [k for k in run.data.metrics if k.startswith("system/")]  # switched off
     assert run.data.params["optimizer.name"] == "sgd"
     assert run.data.params["data.train_size"] == "300"
     assert run.data.params["regularization.l2_include_output"] == "True"

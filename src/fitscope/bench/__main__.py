@@ -110,7 +110,8 @@ def smoke(out: Path) -> None:
         figures |= bench_large(dm, epochs=1, rounds=1, tmp=Path(tmp), tracked_epochs=3)
         report_checkpoint_cost(dm, Path(tmp))
     figures |= {"gpu_path_on_cpu": gpu_throughput(4_000, 500, "32-true", device="cpu")}
-    figures |= load_figures(jobs=2, epochs=2)
+    with tempfile.TemporaryDirectory() as tmp:  # the team stack's load: tests/test_stack.py
+        figures |= load_figures(jobs=2, epochs=2, uri=f"sqlite:///{tmp}/load.db", warmup_s=3)
     figures |= time_study("debug", study_peak, usable_cpus(), one_variant_per_dataset=True)
     figures["smoke"] = True
     record_and_print(figures, out)

@@ -17,6 +17,7 @@ import torch
 
 from fitscope.model.mlp import ProbabilityModel, build_mlp
 from fitscope.stack.control import start_stack, stop_stack
+from fitscope.stack.info import StackInfo
 from fitscope.stack.processes import free_ports
 from fitscope.tracking.experiments import ensure_experiment
 from fitscope.tracking.run import RunTracker
@@ -75,21 +76,37 @@ def _load_job(uri: str, experiment_id: str, job: int, epochs: int, start_at: flo
     return tracker.run_id
 
 
-def load_figures(jobs: int, epochs: int, uri: str | None = None) -> dict[str, Any]:
+def _load_target(
+    uri: str | None, stack: StackInfo | None, tmp: Path
+) -> tuple[str, StackInfo | None, bool]:
+    """The store to load (``uri``, else the stack's server), the stack whose memory is
+    measured, and whether it was started here (in ``tmp``: then it is stopped after)."""
+    if uri is not None:
+        return uri, None, False
+    started = stack is None
+    if started:
+        stack = start_stack(tmp / "stack", free_ports(), ("postgres", "s3", "mlflow"))
+    os.environ.update(stack.client_env())  # the workers inherit the credentials
+    return stack.tracking_uri, stack, started
+
+
+def load_figures(
+    jobs: int,
+    epochs: int,
+    uri: str | None = None,
+    stack: StackInfo | None = None,
+    warmup_s: float = 15.0,
+) -> dict[str, Any]:
     """Metric points per second that ``jobs`` processes send through one tracking server,
     each logging every epoch as its own request (``logger.flush_every=1``), checked for
-    lost points afterwards. Without ``uri``: against the team stack (fitscope.stack:
-    PostgreSQL, S3, MLflow with basic auth; no Ray) started here on free ports, with its
-    RSS (every process of it) idle and at peak.
+    lost points afterwards. Without ``uri``: against a team stack (fitscope.stack:
+    PostgreSQL, S3, MLflow with basic auth; no Ray), ``stack`` or one started here on free
+    ports, with its RSS (every process of it) idle and at peak. The jobs start together,
+    ``warmup_s`` after they are launched (once every worker has imported MLflow).
     """
 
     with tempfile.TemporaryDirectory() as tmp:
-        info = None
-        if uri is None:
-            parts = ("postgres", "s3", "mlflow")
-            info = start_stack(Path(tmp) / "stack", free_ports(), parts)
-            os.environ.update(info.client_env())  # the workers inherit the credentials
-            uri = info.tracking_uri
+        uri, info, started = _load_target(uri, stack, Path(tmp))
         peak, done = [0], threading.Event()
 
         def sample() -> None:
@@ -103,7 +120,7 @@ def load_figures(jobs: int, epochs: int, uri: str | None = None) -> dict[str, An
             if info is not None:
                 threading.Thread(target=sample, daemon=True).start()
             with ProcessPoolExecutor(jobs) as pool:
-                start_at = time.time() + 15  # after every worker has imported MLflow
+                start_at = time.time() + warmup_s
                 futures = [
                     pool.submit(_load_job, uri, exp, j, epochs, start_at) for j in range(jobs)
                 ]
@@ -115,7 +132,7 @@ def load_figures(jobs: int, epochs: int, uri: str | None = None) -> dict[str, An
             )
         finally:
             done.set()
-            if info is not None:
+            if started:
                 stop_stack(info.state_dir)
     points = jobs * epochs * len(LOAD_ROW)
     figures = {

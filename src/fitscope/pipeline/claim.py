@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fitscope.core.errors import first_line
 from fitscope.pipeline.identity import (
@@ -19,6 +19,7 @@ from fitscope.pipeline.identity import (
     finite_value,
     job_info,
     parent_spec,
+    recorded_config,
     run_config,
     study_description,
     task_overrides,
@@ -172,7 +173,7 @@ def _request(cfg: DictConfig, dm, opened: OpenedRun) -> ClaimRequest:
     }
     record = {
         "experiment_description": study_description(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": recorded_config(cfg),
     }
     # The parent this run finds or creates itself: its sweep's, when the sweep started with
     # the server unreachable, or the one named by tracking.parent_key for a single run.

@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fitscope.core.errors import FitscopeError
+from fitscope.search.storage import describe
 
 
 def job_info() -> dict[str, str]:
@@ -44,16 +45,28 @@ def entry_name() -> str:
 def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without run-specific keys (what the config hash covers)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "force", "tracking", "progress", "progress_every_s", "study_description"):
+    run_specific = ("paths", "force", "tracking", "progress", "progress_every_s", "trial")
+    for key in (*run_specific, "study_description"):
         resolved.pop(key, None)
     # Where and how often checkpoints are written, or metrics sent, does not change what is
     # trained (logger.flush_every predates this rule: kept, so older hashes still match).
     resolved.get("callbacks", {}).pop("checkpoint", None)
-    resolved.get("logger", {}).pop("flush_every_s", None)
+    for key in ("flush_every_s", "system_metrics", "system_metrics_every_s"):
+        resolved.get("logger", {}).pop(key, None)
     if resolved.get("data", {}).get("chunk_rows", 0) is None:  # the default: hashes unchanged
         resolved["data"].pop("chunk_rows")
     if resolved.get("stage_inputs", 0) is None:  # outside a DVC stage: hashes unchanged
         resolved.pop("stage_inputs")
+    return resolved
+
+
+def recorded_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as a run records it (MLflow, model.pt): a search trial's study
+    storage without its database password."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    trial = resolved.get("trial") or {}
+    if trial.get("storage"):
+        trial["storage"] = describe(trial["storage"])
     return resolved
 
 

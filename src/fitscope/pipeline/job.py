@@ -30,9 +30,10 @@ from fitscope.pipeline.lifecycle import (
 )
 from fitscope.pipeline.outputs import RESUME_RUN_FILE, write_outputs
 from fitscope.pipeline.schema import TrainConfig, check
+from fitscope.pipeline.search import pruned_tags, trial_feed
 from fitscope.tracking.parents import close_parent
 from fitscope.tracking.tags import config_hash
-from fitscope.training.callbacks import InterruptWatch, ShareIdleCores
+from fitscope.training.callbacks import InterruptWatch, ReportEpochs, ShareIdleCores
 from fitscope.training.datamodule import ArrayDataModule
 from fitscope.training.fit import checkpointing, fit_run
 from fitscope.training.precision import resolve_precision
@@ -135,6 +136,12 @@ def _claim_and_fit(
         resume = resume_point(cfg, chash, ckpt_dir, opened)
     opened.fitting = True
     tracker = opened.tracker
+    feed = trial_feed(cfg)  # a search trial reports its epochs (and may be pruned)
+    reporter = [] if feed is None else [ReportEpochs(feed.report, cfg.objective)]
+    if feed is not None and tracker is not None and tracker.run_id:
+        feed.link_run(tracker.run_id)
+    if tracker is not None and cfg.logger.system_metrics:
+        tracker.watch_system(cfg.logger.system_metrics_every_s)
     if tracker is not None and tracker.run_id and checkpointing(cfg):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_json(ckpt_dir / RESUME_RUN_FILE, {"run_id": tracker.run_id})
@@ -144,7 +151,7 @@ def _claim_and_fit(
         run_dir,
         sink=tracker,
         logged_through=resume.get("logged_through", -1),
-        extra_callbacks=(watch, *idle_cores(cfg)),
+        extra_callbacks=(watch, *idle_cores(cfg), *reporter),
         live_progress=False if in_worker() else None,  # sweep workers share a terminal
         ckpt_dir=ckpt_dir,
         precision=opened.precision,
@@ -156,6 +163,8 @@ def _claim_and_fit(
         "num_threads": opened.num_threads,
         "num_threads_at_end": result.threads_at_end,  # more, where idle cores were handed over
     }
+    if feed is not None and feed.pruned_at is not None and tracker is not None:
+        tracker.set_tags(pruned_tags(feed.pruned_at))
     value = write_outputs(cfg, dm, run_dir, tracker, result, hardware)
     if not cfg.callbacks.checkpoint.keep:
         shutil.rmtree(ckpt_dir, ignore_errors=True)

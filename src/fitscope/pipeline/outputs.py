@@ -12,11 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fitscope.core.fileio import atomic_path, write_json
 from fitscope.model.mlp import ProbabilityModel
-from fitscope.pipeline.identity import finite_value
+from fitscope.pipeline.identity import finite_value, recorded_config
 from fitscope.results.contract import metrics_file_key
 from fitscope.results.figures import run_figure
 from fitscope.results.verdict import DIVERGED_FACTOR, describe_run, own_verdict
@@ -72,7 +72,7 @@ def _save_files(cfg: DictConfig, run_dir: Path, result: FitResult) -> None:
         with atomic_path(run_dir / "model.pt") as tmp:
             state = {
                 "state_dict": result.model.state_dict(),
-                "config": OmegaConf.to_container(cfg, resolve=True),
+                "config": recorded_config(cfg),
             }
             torch.save(state, tmp)
 
@@ -145,7 +145,7 @@ def log_run_record(
     tracker.log_artifact(run_dir / "history.csv")
     if (run_dir / "model.pt").is_file():  # restore_outputs brings it back from here
         tracker.log_artifact(run_dir / "model.pt")
-    tracker.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/resolved.yaml")
+    tracker.log_dict(recorded_config(cfg), "config/resolved.yaml")
     if (run_dir / ".hydra").is_dir():
         tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
     figure = run_figure(rows, cfg.variant, selected, run_dir / "learning_curves.png")

@@ -230,6 +230,9 @@ class LoggerConfig(Section):
     log_model: bool = True
     flush_every: int = ranged(low=1, integer=True)
     flush_every_s: float = ranged(low=0.0)
+    # MLflow's system metrics (the run page's System metrics tab), sampled this often.
+    system_metrics: bool = True
+    system_metrics_every_s: float = ranged(low=0.1)
     registered_model: str | None = safe_name(default=None, allow_none=True)
 
 
@@ -244,6 +247,16 @@ class PathsConfig(Section):
 class TrackingConfig(Section):
     SECTION: ClassVar[str] = "tracking"
     parent_key: str | None = safe_name(default=None, allow_none=True)
+
+
+@dataclass
+class TrialConfig(Section):
+    """The Optuna trial a search's job is: set by the search's sweeper, never by hand."""
+
+    SECTION: ClassVar[str] = "trial"
+    number: int | None = None
+    study: str | None = None
+    storage: str | None = None  # the study's storage (None: in memory, no per-epoch feed)
 
 
 @dataclass
@@ -265,6 +278,7 @@ class TrainConfig(Section):
     progress_every_s: float = ranged(low=0.0)
     paths: PathsConfig = MISSING
     tracking: TrackingConfig = MISSING
+    trial: TrialConfig = MISSING
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
     regularization: RegularizationConfig = MISSING

@@ -144,5 +144,8 @@ def search_overrides(params: dict[str, Any], sampler: str) -> list[str]:
         f"hydra.sweeper.n_trials={params_section(params, 'search', 'trials')}",
         f"trainer.max_epochs={params_section(params, 'search', 'epochs')}",
         f"hydra.sweep.dir=search/runs/{sampler}",
+        # The study lives in the stage's output, which DVC deletes before a re-run: a
+        # re-run (the code or the budget changed) is a new study.
+        f"hydra.sweeper.storage=search/runs/{sampler}/optuna.journal",
         "force=true",
     ]

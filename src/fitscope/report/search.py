@@ -1,9 +1,9 @@
 """Hyperparameter-search report: ``python -m fitscope.report.search <study or parent run id>``.
 
-Writes ``reports/search/<study>/``: the top trials' validation-accuracy curves,
-a scatter of log10 learning rate vs log10 weight decay coloured by the
-objective, a table of the top trials, and (when the other sampler's search of
-the same budget exists) the best objective reached after N trials, side by side.
+Writes ``reports/search/<study>/``: a table of the top trials, the figures of Optuna's
+own plots from the search's stored study (report.search_figures), and (when the other
+sampler's search exists) the best objective reached after N trials, side by side. The
+report's files are also logged to the search's parent run (``search_report/``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 from fitscope.core.errors import FitscopeError, run_cli
 from fitscope.core.fileio import atomic_path, write_csv
-from fitscope.results.figures import pyplot, save_png
+from fitscope.report.search_figures import FIGURES, optuna_figures
+from fitscope.search.storage import STORAGE_TAG, STUDY_TAG, load_recorded_study
 from fitscope.tracking.store import get_client
-from fitscope.tracking.tags import PARENT_TAG, TAG, tag_equals
+from fitscope.tracking.tags import PARENT_TAG, PRUNED_TAG, TAG, tag_equals
 
 PAIRS = {"mnist_search_random": "mnist_search_tpe", "mnist_search_tpe": "mnist_search_random"}
 OBJECTIVE = "best/val/acc"
@@ -34,6 +35,7 @@ class Trial:
     objective: float | None
     best_epoch: int | None
     epochs: int
+    pruned: bool = False
 
 
 def find_parent(client, name_or_id: str):
@@ -69,21 +71,23 @@ def load_trials(client, parent) -> list[Trial]:
         max_results=5000,
     )
     # A forced re-run of the search (the DVC stage) files new runs under the same parent:
-    # the newest run of each trial number wins.
-    latest = {run.data.tags.get(f"{TAG}job_num", run.info.run_id): run for run in runs}
+    # the newest run of each trial (its name, trial-<number>) wins.
+    latest = {run.data.tags.get(f"{TAG}variant", run.info.run_id): run for run in runs}
     trials = []
-    for run in latest.values():
+    for name, run in latest.items():
         p, m = run.data.params, run.data.metrics
+        number = re.fullmatch(r"trial-(\d+)", name)
         trials.append(
             Trial(
                 run_id=run.info.run_id,
-                number=int(run.data.tags.get(f"{TAG}job_num", -1)),
+                number=int(number.group(1)) if number else -1,
                 status=run.info.status,
                 lr=float(p["optimizer.lr"]),
                 weight_decay=2 * float(p["regularization.l2"]),
                 objective=m.get(OBJECTIVE) if run.info.status == "FINISHED" else None,
                 best_epoch=int(m["fit/best_epoch"]) if "fit/best_epoch" in m else None,
                 epochs=int(p.get("trainer.max_epochs", 0)),
+                pruned=PRUNED_TAG in run.data.tags,
             )
         )
     return sorted(trials, key=lambda t: (t.number, t.run_id))
@@ -99,74 +103,6 @@ def best_so_far(trials: list[Trial]) -> list[float]:
     return out
 
 
-def _plots(
-    client, study: str, trials: list[Trial], other: list[Trial] | None, out: Path, top: list[Trial]
-) -> list[str]:
-    """The search's figures (top trials' curves, where the good values are, and against
-    the other sampler); their file names under ``out``."""
-    plt = pyplot()
-    figures = {"top_trials.png": _top_trials(plt, client, study, top)}
-    figures["lr_wd_scatter.png"] = _lr_wd_scatter(plt, study, trials)
-    if other is not None:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for label, ts in ((study, trials), (PAIRS[study], other)):
-            ax.plot(range(1, len(ts) + 1), best_so_far(ts), label=label)
-        ax.set_xlabel("trials")
-        ax.set_ylabel("best validation accuracy so far")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        figures["best_so_far.png"] = fig
-    for name, fig in figures.items():
-        save_png(fig, out / name)
-    return list(figures)
-
-
-def _top_trials(plt, client, study: str, top: list[Trial]):
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for rank, t in enumerate(top):
-        hist = client.get_metric_history(t.run_id, "val/acc")
-        steps = sorted((h.step, h.value) for h in hist)
-        ax.plot(
-            [s + 1 for s, _ in steps],
-            [v for _, v in steps],
-            lw=1,
-            label=f"#{t.number} lr={t.lr:.1e} wd={t.weight_decay:.1e}" if rank < 5 else None,
-        )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(f"{study}: validation accuracy of the top {len(top)} trials")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def _lr_wd_scatter(plt, study: str, trials: list[Trial]):
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    ok = [t for t in trials if t.objective is not None]
-    failed = [t for t in trials if t.objective is None]
-    sc = ax.scatter(
-        [math.log10(t.lr) for t in ok],
-        [math.log10(t.weight_decay) for t in ok],
-        c=[t.objective for t in ok],
-        cmap="viridis",
-        s=30,
-    )
-    if failed:
-        ax.scatter(
-            [math.log10(t.lr) for t in failed],
-            [math.log10(t.weight_decay) for t in failed],
-            marker="x",
-            c="grey",
-            label="failed",
-        )
-        ax.legend()
-    fig.colorbar(sc, ax=ax, label="best validation accuracy")
-    ax.set_xlabel("log10 learning rate")
-    ax.set_ylabel("log10 weight decay")
-    ax.set_title(f"{study}: where the good values are")
-    return fig
-
-
 def write_search_report(
     name_or_id: str, out_root: str | Path = "reports/search", top_n: int = 20
 ) -> Path:
@@ -177,19 +113,23 @@ def write_search_report(
     trials = load_trials(client, parent)
     if not trials:
         raise FitscopeError(f"search {study!r} has no trials. Fix: run it first")
-    other = None
+    other, other_parent = None, None
     if study in PAIRS and client.get_experiment_by_name(PAIRS[study]) is not None:
-        other = load_trials(client, find_parent(client, PAIRS[study]))
+        other_parent = find_parent(client, PAIRS[study])
+        other = load_trials(client, other_parent)
     out = Path(out_root) / study
-    ranked = sorted((t for t in trials if t.objective is not None), key=lambda t: -t.objective)
+    out.mkdir(parents=True, exist_ok=True)
+    finished = [t for t in trials if t.objective is not None and not t.pruned]
+    ranked = sorted(finished, key=lambda t: -t.objective)
     top = ranked[:top_n]
-    pngs = _plots(client, study, trials, other, out, top)
+    pngs = _figures(client, parent, other_parent, out)
     _write_trials_csv(trials, out / "trials.csv")
     failed = sum(t.objective is None for t in trials)
+    pruned = sum(t.pruned for t in trials)
     md = [
         f"# Hyperparameter search `{study}`\n",
         f"Parent run `{parent.info.run_id}`: {len(trials)} trials, {len(ranked)} finished, "
-        f"{failed} failed. Objective: best validation accuracy of a trial.\n",
+        f"{pruned} pruned, {failed} failed. Objective: best validation accuracy of a trial.\n",
         f"## Top {len(top)} trials\n",
         "| rank | trial | learning rate | weight decay | best val acc | best epoch | run |",
         "|---|---|---|---|---|---|---|",
@@ -201,10 +141,43 @@ def write_search_report(
     ]
     if other is not None:
         md += _sampler_comparison(study, trials, other)
-    md += ["", *(f"![{p}]({p})" for p in pngs), ""]
+    md += _figures_markdown(pngs)
     with atomic_path(out / "search.md") as tmp:
         tmp.write_text("\n".join(md))
+    for name in (*pngs, "trials.csv", "search.md"):
+        client.log_artifact(parent.info.run_id, str(out / name), "search_report")
     return out / "search.md"
+
+
+def _recorded_study(parent) -> object | None:
+    tags = parent.data.tags
+    if STUDY_TAG not in tags:
+        return None
+    return load_recorded_study(tags[STUDY_TAG], tags.get(STORAGE_TAG, "memory"))
+
+
+def _figures(client, parent, other_parent, out: Path) -> list[str]:
+    """Optuna's figures of the search (and its pair's history), where its study is
+    reachable from here."""
+    study = _recorded_study(parent)
+    if study is None:
+        return []
+    other = _recorded_study(other_parent) if other_parent is not None else None
+    return optuna_figures(study, other, out)
+
+
+def _figures_markdown(pngs: list[str]) -> list[str]:
+    if not pngs:
+        return [
+            "",
+            "No figures: the search's Optuna study is not reachable from here (kept in "
+            "memory, or its storage is gone); set `hydra.sweeper.storage` to keep it.",
+            "",
+        ]
+    md = ["", "## Figures (Optuna's plots of the stored study)\n"]
+    for png in pngs:
+        md += [f"{FIGURES[png][0].upper()}{FIGURES[png][1:]}:\n", f"![{png}]({png})", ""]
+    return md
 
 
 def _write_trials_csv(trials: list[Trial], path: Path) -> None:

@@ -17,7 +17,7 @@ from fitscope.pipeline.variants import variant_specs
 from fitscope.results.figures import curve_pair, pyplot, save_png
 from fitscope.results.seeds import seed_dirs
 from fitscope.results.verdict import BASELINES, VERDICT_RULE, describe_run, figure_line, verdict
-from fitscope.tracking.registry import register_version
+from fitscope.tracking.registry import PromotionRule, promote
 from fitscope.tracking.run import RunTracker
 from fitscope.tracking.store import get_client, where_to_look
 from fitscope.tracking.tags import NOTE_TAG
@@ -167,10 +167,13 @@ def registry_alias(profile: str) -> str:
     return "champion" if profile == "classic" else profile
 
 
-def register_champions(results: list[VariantResult], profile: str) -> dict[str, str]:
-    """Register each dataset's best variant (lowest mean best-val-loss) under the profile's
-    alias (``@champion`` for classic), with the profile, commit, variant, test metrics
-    and verdict as version tags and description."""
+def register_champions(
+    results: list[VariantResult], profile: str, rule: PromotionRule
+) -> dict[str, str]:
+    """Register each dataset's best variant (lowest mean best-val-loss), with the profile,
+    commit, variant, test metrics and verdict as version tags and description, and move
+    the profile's alias (``@champion`` for classic) to it when ``rule`` says it beats the
+    version the alias names (one line says so when it does not)."""
 
     champions = {}
     client = None
@@ -200,7 +203,7 @@ def register_champions(results: list[VariantResult], profile: str) -> dict[str, 
             f"epoch {int(run['best_epoch'])}: loss {run['best_val_loss']:.4f}."
         )
         name = f"fitscope-{dataset}"
-        version = register_version(
+        promotion = promote(
             client,
             name,
             model_uri,
@@ -209,10 +212,24 @@ def register_champions(results: list[VariantResult], profile: str) -> dict[str, 
             tags,
             description,
             model_description=f"Best {dataset} variant of each study run; @champion is the "
-            "classic protocol's, other profiles have their own alias (@quick, @debug).",
+            "classic protocol's, other profiles have their own alias (@quick, @debug). An "
+            "alias moves only to a version that beats it (params.yaml champion).",
+            rule=rule,
         )
-        champions[dataset] = f"models:/{name}@{alias} = {best.name} (version {version})"
+        champions[dataset] = _champion_line(name, alias, best.name, promotion)
     return champions
+
+
+def _champion_line(name: str, alias: str, variant: str, promotion) -> str:
+    """The report's line for a dataset's champion; a refusal is also said on the terminal."""
+    if promotion.moved:
+        return f"models:/{name}@{alias} = {variant} (version {promotion.version})"
+    line = (
+        f"models:/{name}@{alias} stays on version {promotion.alias_version}: {variant} "
+        f"(version {promotion.version}) does not beat it ({promotion.refused})"
+    )
+    print(f"note: {line}. To move it anyway: dvc exp run -S champion.force=true")
+    return line
 
 
 def annotate_mlflow_runs(
@@ -291,7 +308,9 @@ def write_study_report(
         for s in dict.fromkeys(r.study for r in results)
     }
     _write_curves(results, out)
-    champions = register_champions(results, profile)
+    champions = register_champions(
+        results, profile, PromotionRule.from_params(params.get("champion"))
+    )
     tables = {d: comparison_rows(results, d) for d in dict.fromkeys(r.dataset for r in results)}
     _write_comparison_csv(tables, out / "comparison.csv")
     seeds = max(len(r.runs) for r in results)

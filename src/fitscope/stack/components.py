@@ -18,6 +18,7 @@ from fitscope.stack.info import (
     ADMIN_USER,
     ARTIFACTS_URI,
     BUCKET,
+    DATABASES,
     HOST,
     INSTALL_HINT,
     PG_SYSTEM_USER,
@@ -97,7 +98,7 @@ def _initdb(info: StackInfo, bin_dir: Path, pgdata: Path, user: str | None) -> N
 
 
 def _postgres_ready(info: StackInfo) -> bool:
-    """PostgreSQL answers, and the ``mlflow`` database exists (created the first time)."""
+    """PostgreSQL answers, and its databases exist (created the first time)."""
     import psycopg2
 
     con = psycopg2.connect(
@@ -111,9 +112,10 @@ def _postgres_ready(info: StackInfo) -> bool:
     try:
         con.autocommit = True
         with con.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = 'mlflow'")
-            if cur.fetchone() is None:
-                cur.execute("CREATE DATABASE mlflow")
+            for database in DATABASES:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+                if cur.fetchone() is None:
+                    cur.execute(f"CREATE DATABASE {database}")
     finally:
         con.close()
     return True

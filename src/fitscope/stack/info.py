@@ -16,6 +16,10 @@ ARTIFACTS_URI = f"s3://{BUCKET}/mlflow"
 DVC_URI = f"s3://{BUCKET}/dvc"
 DVC_REMOTE = "team"
 RAY_ADDRESS_ENV = "FITSCOPE_RAY_ADDRESS"
+# Where searches keep their Optuna studies (conf/hparams_search: storage): the `optuna`
+# database. fitscope.search.storage.STACK_STORAGE_ENV names the same variable.
+OPTUNA_STORAGE_ENV = "FITSCOPE_OPTUNA_STORAGE"
+DATABASES = ("mlflow", "optuna")  # Optuna's tables would clash with MLflow's (alembic_version)
 PG_SYSTEM_USER = "pgserver"  # initdb and postgres refuse to run as root
 ADMIN_USER = "admin"
 # Fixed defaults outside Ray's default worker port range (10002-19999); SeaweedFS also
@@ -57,8 +61,11 @@ class StackInfo:
 
     @property
     def postgres_uri(self) -> str:
+        return self.database_uri("mlflow")
+
+    def database_uri(self, database: str) -> str:
         pw = self.credentials["postgres_password"]
-        return f"postgresql+psycopg2://postgres:{pw}@{HOST}:{self.ports['postgres']}/mlflow"
+        return f"postgresql+psycopg2://postgres:{pw}@{HOST}:{self.ports['postgres']}/{database}"
 
     def client_env(self) -> dict[str, str]:
         """What a client exports to use the stack (the contents of stack.env)."""
@@ -67,6 +74,7 @@ class StackInfo:
             "MLFLOW_TRACKING_USERNAME": ADMIN_USER,
             "MLFLOW_TRACKING_PASSWORD": self.credentials["admin_password"],
             RAY_ADDRESS_ENV: self.ray_address,
+            OPTUNA_STORAGE_ENV: self.database_uri("optuna"),
             # The head requires the stack's token (a stray ~/.ray/auth_token from a local
             # `ray.init()` would otherwise switch clients to a token the head never saw).
             "RAY_AUTH_MODE": "token",

@@ -23,6 +23,7 @@ from fitscope.tracking.tags import (
     CONFIG_HASH_TAG,
     FAILURE_TAG,
     PARENT_TAG,
+    PRUNED_TAG,
     RECONCILED_TAG,
     TAG,
     tag_equals,
@@ -100,9 +101,12 @@ def close_parent(
     )
     key = f"best/{objective}"
     done = [r for r in children if r.info.status == FINISHED and key in r.data.metrics]
+    # A pruned trial finished early by the search's choice: it is never the best one.
+    pruned = [r for r in done if PRUNED_TAG in r.data.tags]
     counts = {
         "children": len(children),
-        "children_finished": len(done),
+        "children_finished": len(done) - len(pruned),
+        "children_pruned": len(pruned),
         "children_failed": sum(r.info.status == FAILED for r in children),
         "children_killed": sum(r.info.status == KILLED for r in children),
     }
@@ -120,7 +124,7 @@ def close_parent(
     # "sweep/..." keeps the counts in their own chart group, apart from the best metrics.
     metrics, best = {f"sweep/{k}": v for k, v in counts.items()}, None
     if done:
-        run = best_child(done, key, objective)
+        run = best_child([r for r in done if r not in pruned] or done, key, objective)
         best = {"run_id": run.info.run_id, "value": run.data.metrics[key], **counts}
         metrics[key] = run.data.metrics[key]
         client.log_batch(parent_id, tags=_best_child_tags(run))

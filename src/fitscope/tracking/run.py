@@ -5,6 +5,7 @@ server cannot take them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -47,6 +48,12 @@ class RunTracker:
         self.client, self.run_id, self.record = client, run_id, record
         self.closed = False
         self.offline = client is None
+        self.system_monitor: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DDP's spawned processes get the tracker as their fit's sink; the monitor (a
+        # thread) stays with the process that started it, which stops it.
+        return {**self.__dict__, "system_monitor": None}
 
     @property
     def pending(self) -> bool:
@@ -82,10 +89,42 @@ class RunTracker:
             self.go_offline(f"{what}: {first_line(exc)}")
             return False
 
+    def watch_system(self, every_s: float) -> None:
+        """Sample CPU, memory, disk and network (and GPU where there is one) every
+        ``every_s`` seconds into the run's System metrics tab (MLflow's own monitor, in a
+        thread) until the run ends; a run offline, or without a server run, has none."""
+        if self.offline or not self.run_id:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Its start/stop lines, and its warning when the run ends or the server goes away.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+        monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=every_s, tracking_uri=self.client.tracking_uri
+        )
+        monitor.start()
+        self.system_monitor = monitor
+
+    def _stop_system_watch(self) -> None:
+        """Stop the monitor, after one last sample: MLflow's monitor logs a sample only
+        once an interval has passed, and a short run would otherwise have none."""
+        monitor, self.system_monitor = self.system_monitor, None
+        if monitor is None:
+            return
+        monitor.finish()
+        if not self.offline:
+            with contextlib.suppress(Exception):  # the record matters, not this sample
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+
     def go_offline(self, reason: str) -> None:
         """Stop talking to the server; the record keeps the rest of the run."""
         assert self.record is not None
         self.offline = True
+        # Its thread ends by itself at its next call to the server (never joined: it may
+        # be waiting on that server's retries).
+        self.system_monitor = None
         if self.run_id:
             liveness.heartbeats.discard(self.run_id)
         self.record.update(offline_reason=reason)
@@ -226,6 +265,7 @@ class RunTracker:
         return info
 
     def _close(self, outcome: Outcome) -> None:
+        self._stop_system_watch()
         liveness.heartbeats.discard(self.run_id)
         if self.record is not None:  # the record ends as the run does (fitscope runs sync)
             if outcome.reason is not None:

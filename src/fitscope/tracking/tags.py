@@ -37,6 +37,7 @@ OWNER_PID_TAG = f"{TAG}owner.pid"
 OWNER_STARTED_TAG = f"{TAG}owner.started"
 HEARTBEAT_TAG = f"{TAG}heartbeat"  # unix seconds of the owner's last sign of life
 FAILURE_TAG = f"{TAG}failure"  # why a run is FAILED or KILLED
+PRUNED_TAG = f"{TAG}pruned"  # a search's pruner stopped the trial: at which epoch, and why
 RECONCILED_TAG = f"{TAG}reconciled"  # when and by whom a dead owner's run was closed
 NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows (runs, experiments)
 # MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is

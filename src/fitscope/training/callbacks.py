@@ -199,6 +199,24 @@ class ShareIdleCores(pl.Callback):
             torch.set_num_threads(wanted)
 
 
+class ReportEpochs(pl.Callback):
+    """Reports ``monitor`` after every validation to ``report(epoch, value)`` and stops the
+    fit at the end of the epoch when it answers True (a search's pruner, fitscope.search)."""
+
+    def __init__(self, report: Callable[[int, float], bool], monitor: str) -> None:
+        self.report, self.monitor = report, monitor
+        self.stopped_at: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: FitModule) -> None:
+        row = pl_module.epoch_metrics
+        value = row.get(self.monitor) if row else None
+        if trainer.sanity_checking or value is None or not math.isfinite(value):
+            return
+        if self.report(int(row["epoch"]), float(value)):
+            self.stopped_at = int(row["epoch"])
+            trainer.should_stop = True
+
+
 class InterruptWatch(pl.Callback):
     """The epoch in progress (for the interrupt message), and a SIGTERM Lightning missed.
 
