@@ -30,6 +30,12 @@ def test_a_bad_rule_in_params_is_one_line():
     with pytest.raises(FitscopeError, match="set min_absolute_change or min_relative_change"):
         PromotionRule.from_params({"min_absolute_change": None})
     assert PromotionRule.from_params(None) == PromotionRule()
+    assert PromotionRule.from_params({"min_absolute_change": "1e-3"}).min_absolute_change == 0.001
+    with pytest.raises(FitscopeError, match=r"whose better values are higher\. Fix: set"):
+        PromotionRule.from_params({"metric": "test/acc"})  # greater_is_better: false
+    nan = {"test/loss": float("nan")}
+    assert "no finite test/loss" in RULE.refusal(nan, {"test/loss": 0.6})
+    assert RULE.refusal({"test/loss": 0.6}, nan) is None  # nothing to beat
 
 
 def _run_with_model(client, experiment_id: str, test_loss: float) -> tuple[str, str]:
@@ -49,8 +55,10 @@ def test_the_alias_moves_only_to_a_better_model(tmp_path):
     first = _promote(client, *_run_with_model(client, exp, 0.60))  # no champion yet
     assert first.moved and first.version == "1"
 
-    worse = _promote(client, *_run_with_model(client, exp, 0.605))
+    worse_run = _run_with_model(client, exp, 0.605)
+    worse = _promote(client, *worse_run)
     assert not worse.moved and worse.version == "2" and worse.alias_version == "1"
+    assert _promote(client, *worse_run).version == "2"  # refused again: no new version
     assert client.get_model_version_by_alias("m", "champion").version == 1
     tags = client.get_model_version("m", "2").tags
     assert tags[REFUSED_TAG].startswith("@champion: Metric test/loss minimum absolute change")

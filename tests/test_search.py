@@ -232,3 +232,25 @@ def test_search_whose_trials_all_fail_ends_cleanly(processed_dir, tmp_path, mlfl
     assert {c.info.status for c in children} == {"FAILED"}
     assert all("loss became nan" in c.data.tags["fitscope.failure"] for c in children)
     assert parents[0].info.status == "FAILED"
+
+
+def test_a_pruner_without_a_stored_study_is_refused_before_anything(
+    processed_dir, tmp_path, mlflow_uri
+):
+    proc = search(
+        [
+            "hparams_search=mnist_random",
+            "hydra/sweeper/pruner=median",
+            "hydra.sweeper.storage=null",
+            f"paths.data_dir={processed_dir}",
+        ],
+        tmp_path,
+        mlflow_uri,
+    )
+    line = last_error_line(proc, 2)
+    assert line == (
+        "fitscope: error: a pruner needs the study stored where the trials can reach it. "
+        "Fix: set hydra.sweeper.storage=auto (a journal file) or a database URL"
+    )
+    assert get_client(mlflow_uri).get_experiment_by_name("mnist_search_random") is None
+    assert not (tmp_path / "multirun").exists()

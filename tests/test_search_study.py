@@ -22,6 +22,7 @@ from fitscope.search.storage import (
     describe,
     load_recorded_study,
     open_storage,
+    reachable_url,
     resolve_storage,
 )
 from fitscope.search.trials import (
@@ -102,20 +103,34 @@ def test_a_dead_owners_trial_continues_under_its_name_and_counts_once(tmp_path):
     assert continue_orphans(study) == []  # done once
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
-    assert used_budget(study) == 3  # the failed orphan is replaced by its continuation
-    assert finished_count(study) == 1
+    # The failed orphan no longer counts; its continuation counts once it is asked (a
+    # budget of 3 leaves room for it even when it is the last trial).
+    assert used_budget(study) == 2 and finished_count(study) == 1
     again = study.ask(SPACE)  # the continuation: the orphan's values and name
     assert again.number == 3 and again.params == orphan.params
-    assert trial_name(again) == "trial-1"
+    assert trial_name(again) == "trial-1" and used_budget(study) == 3
     assert not continue_trial(study, done, "finished trials are never continued")
+
+
+def test_an_interrupted_trial_without_a_continuation_gets_one(tmp_path):
+    """A signal between failing an interrupted trial and enqueueing its values."""
+    study = _study(tmp_path)
+    trial = study.ask(SPACE)
+    claim(trial, Owner.current())
+    trial.set_user_attr("fitscope.interrupted", "the search was interrupted")
+    study.tell(trial, state=TrialState.FAIL)
+    assert continue_orphans(study) == ["trial-0"]
+    assert continue_orphans(study) == []
+    waiting = study.ask(SPACE)
+    assert waiting.params == trial.params and trial_name(waiting) == "trial-0"
 
 
 def test_each_sweeper_process_seeds_its_sampler_apart(tmp_path):
     study = _study(tmp_path)
     first, second = Owner.current(), Owner.of(psutil.Process().ppid())
-    assert sampler_offset(study, first) == 0
-    assert sampler_offset(study, second) == 1
-    assert sampler_offset(study, first) == 0  # registered once
+    assert sampler_offset(study, first) == 0  # a new search draws what its seed says
+    later = sampler_offset(study, second)
+    assert later > 0 and sampler_offset(study, second) == later  # its own, and stable
 
 
 def test_the_feed_reports_epochs_and_the_pruner_decides(tmp_path):
@@ -185,3 +200,27 @@ def test_every_sampler_and_pruner_preset_builds_its_optuna_class():
             if group == "pruner" and name == "threshold":
                 node.lower = 0.5  # Optuna wants a bound
             assert type(instantiate(node)).__name__ == cls, (group, name)
+
+
+def test_a_trial_reaches_a_database_whose_password_is_not_in_its_config(tmp_path, monkeypatch):
+    from fitscope.pipeline.search import trial_overrides
+
+    url = "postgresql+psycopg2://postgres:secret@127.0.0.1:25432/optuna"
+    trial = _study(tmp_path).ask(SPACE)
+    job = trial_overrides(trial, "trial-0", ["trainer.max_epochs=3"], "s", url)
+    assert not [o for o in job if "secret" in o]
+    assert "trial.storage='postgresql+psycopg2://postgres:***@127.0.0.1:25432/optuna'" in job
+    monkeypatch.delenv(STACK_STORAGE_ENV, raising=False)
+    with pytest.raises(FitscopeError, match=r"cannot reach\. Fix: export FITSCOPE_OPTUNA_STORAGE"):
+        TrialFeed(describe(url), "s", 0, None)
+    monkeypatch.setenv(STACK_STORAGE_ENV, url)  # stack.env: the masked URL is this one
+    assert reachable_url(describe(url)) == url
+
+
+def test_a_trial_the_study_already_ended_is_no_longer_reported_to(tmp_path):
+    study = _study(tmp_path, direction="maximize")
+    trial = study.ask(SPACE)
+    feed = TrialFeed(str(tmp_path / "optuna.journal"), "s", trial.number, None)
+    assert feed.report(0, 0.3) is False
+    continue_trial(study, trial, "its sweeper process ended before the trial did")
+    assert feed.report(1, 0.4) is False and feed.detached  # no error: training goes on

@@ -33,6 +33,7 @@ FORWARDED = (
     "FITSCOPE_PARENT_RUN_ID",
     "FITSCOPE_PARENT_SPEC",
     "FITSCOPE_SWEEP_JOBS",
+    "FITSCOPE_OPTUNA_STORAGE",  # a search trial reaches its study (its URL is not in the job)
     "FITSCOPE_ENTRY_OWNER",
     "DVC_ROOT",
     "DVC_STAGE",

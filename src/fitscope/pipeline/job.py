@@ -141,7 +141,8 @@ def _claim_and_fit(
     if feed is not None and tracker is not None and tracker.run_id:
         feed.link_run(tracker.run_id)
     if tracker is not None and cfg.logger.system_metrics:
-        tracker.watch_system(cfg.logger.system_metrics_every_s)
+        resumed = resume.get("resume_from") is not None
+        tracker.watch_system(cfg.logger.system_metrics_every_s, resumed=resumed)
     if tracker is not None and tracker.run_id and checkpointing(cfg):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_json(ckpt_dir / RESUME_RUN_FILE, {"run_id": tracker.run_id})

@@ -52,17 +52,32 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "optimization_results.json"  # in the sweep directory: the study's best trial
 
 
+def check_search(config: DictConfig) -> None:
+    """Refuse a search that cannot work, before its parent run or any trial exists."""
+    import optuna
+
+    sweeper = config.hydra.sweeper
+    url = resolve_storage(sweeper.storage, config.hydra.sweep.dir)
+    if isinstance(instantiate(sweeper.pruner), optuna.pruners.NopPruner):
+        return
+    if url is None:
+        raise FitscopeError(
+            "a pruner needs the study stored where the trials can reach it. Fix: set "
+            "hydra.sweeper.storage=auto (a journal file) or a database URL"
+        )
+    if config.trainer.strategy == "ddp_spawn":
+        raise FitscopeError(
+            "a pruner stops one training process, not trainer.strategy=ddp_spawn's several. "
+            "Fix: hydra/sweeper/pruner=none, or one process per trial"
+        )
+
+
 def open_search_study(sweeper: DictConfig, sweep_dir: str, owner: Owner) -> tuple[Any, str | None]:
     """The search's study (created, or loaded to continue) and its resolved storage."""
     import optuna
 
     url = resolve_storage(sweeper.storage, sweep_dir)
     pruner = instantiate(sweeper.pruner)
-    if url is None and not isinstance(pruner, optuna.pruners.NopPruner):
-        raise FitscopeError(
-            "a pruner needs the study stored where the trials can reach it. Fix: set "
-            "hydra.sweeper.storage=auto (a journal file) or a database URL"
-        )
     study = optuna.create_study(
         study_name=sweeper.study_name,
         storage=open_storage(url),
@@ -81,7 +96,8 @@ def trial_overrides(
 ) -> list[str]:
     """A trial's job: the fixed overrides, its drawn values, its name and where it reports."""
     drawn = [override_line(k, v) for k, v in trial.params.items()]
-    storage = "null" if url is None else f"'{url}'"
+    # Described: a database password never reaches a job's config, overrides or logs.
+    storage = "null" if url is None else f"'{describe(url)}'"
     where = [f"trial.number={trial.number}", f"trial.study={study}", f"trial.storage={storage}"]
     return [*fixed, *drawn, f"variant={name}", *where]
 

@@ -24,6 +24,7 @@ from fitscope.pipeline.cluster import prepare_driver
 from fitscope.pipeline.identity import entry_name, parent_spec, study_description
 from fitscope.pipeline.job import validate
 from fitscope.pipeline.lifecycle import RESUME_HINT, Interrupted, received, signal_name
+from fitscope.pipeline.search import check_search
 from fitscope.pipeline.sweeps import callback_errors_exit, is_search, validate_jobs, validate_run
 from fitscope.tracking.experiments import ensure_experiment
 from fitscope.tracking.offline import PendingRecord, spool_dir
@@ -193,6 +194,8 @@ def _validate_sweep(config: DictConfig) -> dict[str, DictConfig]:
         studies.setdefault(job.study, job)
 
     jobs = validate_jobs(config, check)
+    if is_search(config):
+        check_search(config)
     prepare_driver(config.hydra.launcher)
     log.info("sweep of %d job(s) validated; outputs in %s", jobs, config.hydra.sweep.dir)
     # A search's jobs are drawn as it goes: its count is the trial budget. Workers

@@ -77,19 +77,25 @@ def describe(url: str | None) -> str:
     return url
 
 
+def reachable_url(described: str) -> str | None:
+    """The storage that ``described`` (as :func:`describe` wrote it) names, from here: a
+    database whose password was masked is the one ``FITSCOPE_OPTUNA_STORAGE`` names (the
+    team stack's stack.env), or unreachable (None); memory is never reachable."""
+    if described.startswith("memory"):
+        return None
+    if "***" in described:
+        url = os.environ.get(STACK_STORAGE_ENV, "")
+        return url if url and describe(url) == described else None
+    return described
+
+
 def load_recorded_study(study_name: str, described: str) -> Any | None:
     """The study a parent run names (its ``optuna.storage`` tag), or None when it is not
     reachable from here: kept in memory, its journal gone, or a database not configured."""
     import optuna
 
-    if described.startswith("memory"):
-        return None
-    url = described
-    if "***" in described:  # a database whose password stays out of the record
-        url = os.environ.get(STACK_STORAGE_ENV, "")
-        if describe(url) != described:
-            return None
-    elif not is_database_url(url) and not Path(url).is_file():
+    url = reachable_url(described)
+    if url is None or (not is_database_url(url) and not Path(url).is_file()):
         return None
     try:
         return optuna.load_study(study_name=study_name, storage=open_storage(url))

@@ -11,6 +11,7 @@ its checkpoint) and the budget still counts it once.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import Any
 
 from fitscope.core.process import Owner
@@ -37,16 +38,15 @@ def claim(trial: Any, owner: Owner) -> str:
 
 
 def sampler_offset(study: Any, owner: Owner) -> int:
-    """How many sweeper processes joined ``study`` before this one (0 for a new search).
-
-    The sampler's seed is offset by it: a re-run or a second process sharing the study
-    would otherwise draw the first process's values again. The journal orders the
-    registrations, so two processes started at once get different offsets.
-    """
+    """What this process adds to its sampler's seed: 0 for the first process of a study,
+    so a new search draws what its seed says; a number of its own for every later one
+    (a re-run, a second process sharing the study), which would otherwise draw the first
+    process's values again. Registering first makes two processes started at once see
+    each other."""
     key = SWEEPER_ATTR + owner.token()
     study.set_user_attr(key, True)
     joined = [k for k in study.user_attrs if k.startswith(SWEEPER_ATTR)]
-    return joined.index(key) if key in joined else len(joined)
+    return 0 if joined == [key] else 1 + zlib.crc32(key.encode()) % 1_000_003
 
 
 def continue_trial(study: Any, trial: Any, why: str) -> bool:
@@ -81,18 +81,30 @@ def orphaned(study: Any) -> list[Any]:
 
 
 def continue_orphans(study: Any) -> list[str]:
-    """Continue every orphaned trial (see :func:`continue_trial`); their names."""
+    """Continue every orphaned trial (see :func:`continue_trial`), and enqueue again an
+    interrupted trial that has no continuation (a signal between its failure and its
+    enqueue); the names continued."""
     names = []
     for trial in orphaned(study):
         if continue_trial(study, trial, "its sweeper process ended before the trial did"):
+            names.append(trial_name(trial))
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        later = (t for t in trials if t.number > trial.number)
+        if _interrupted(trial) and not any(trial_name(t) == trial_name(trial) for t in later):
+            study.enqueue_trial(dict(trial.params), user_attrs={NAME_ATTR: trial_name(trial)})
             names.append(trial_name(trial))
     return names
 
 
 def used_budget(study: Any) -> int:
-    """Trials that count against ``n_trials``: finished (not the interrupted ones, which
-    a continuation replaces), running and waiting."""
-    return sum(not _interrupted(t) for t in study.get_trials(deepcopy=False))
+    """Trials that count against ``n_trials``: finished (not the interrupted ones) and
+    running. A waiting trial (an interrupted one's continuation) counts once it is
+    asked: ``ask`` takes the waiting trials first."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    return sum(not _interrupted(t) and t.state != TrialState.WAITING for t in trials)
 
 
 def finished_count(study: Any) -> int:
@@ -103,7 +115,9 @@ def finished_count(study: Any) -> int:
 
 
 def _interrupted(trial: Any) -> bool:
-    return INTERRUPTED_ATTR in trial.user_attrs and trial.state.is_finished()
+    from optuna.trial import TrialState
+
+    return INTERRUPTED_ATTR in trial.user_attrs and trial.state == TrialState.FAIL
 
 
 def pruned_epoch(study: Any, trial: Any) -> int | None:

@@ -4,6 +4,7 @@ moves to it only when it beats the model the alias names (MLflow's MetricThresho
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +35,21 @@ class PromotionRule:
                 f"params.yaml champion: unknown key(s) {', '.join(sorted(unknown))}. Fix: use "
                 f"{', '.join(cls.__dataclass_fields__)}"
             )
+        for key in ("min_absolute_change", "min_relative_change"):  # YAML reads 1e-3 as text
+            section[key] = _positive_or_none(key, section.get(key, getattr(cls, key)))
         rule = cls(**section)
         if not rule.min_absolute_change and not rule.min_relative_change:
             raise FitscopeError(
                 "params.yaml champion: set min_absolute_change or min_relative_change (a "
                 "positive number). Fix: e.g. champion.min_absolute_change: 0.001"
+            )
+        lower_is_better = "loss" in rule.metric or "ece" in rule.metric
+        if rule.greater_is_better == lower_is_better:
+            better = "lower" if lower_is_better else "higher"
+            raise FitscopeError(
+                f"params.yaml champion: greater_is_better={rule.greater_is_better} for "
+                f"{rule.metric}, whose better values are {better}. "
+                f"Fix: set greater_is_better: {str(not lower_is_better).lower()}"
             )
         return rule
 
@@ -49,10 +60,10 @@ class PromotionRule:
         from mlflow.models.evaluation import EvaluationResult
         from mlflow.models.evaluation.validation import ModelValidationFailedException
 
-        if self.force or self.metric not in baseline:
-            return None
-        if self.metric not in candidate:
-            return f"the candidate's run has no {self.metric} metric"
+        if self.force or not math.isfinite(baseline.get(self.metric, math.nan)):
+            return None  # no champion's figure to beat
+        if not math.isfinite(candidate.get(self.metric, math.nan)):
+            return f"the candidate's run has no finite {self.metric} metric"
         threshold = MetricThreshold(
             min_absolute_change=self.min_absolute_change or None,
             min_relative_change=self.min_relative_change or None,
@@ -68,6 +79,20 @@ class PromotionRule:
         except ModelValidationFailedException as exc:
             return " ".join(str(exc).split())
         return None
+
+
+def _positive_or_none(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise FitscopeError(
+            f"params.yaml champion.{key}: {value!r} is not a number >= 0. Fix: e.g. 0.001"
+        )
+    return number or None
 
 
 @dataclass(frozen=True)
@@ -112,15 +137,29 @@ def promote(
     refused = None
     if current is not None:
         candidate = client.get_run(run_id).data.metrics
-        refused = rule.refusal(candidate, client.get_run(current.run_id).data.metrics)
-    version = register_version(
-        client, name, model_uri, run_id, tags, description, model_description
+        refused = rule.refusal(candidate, _metrics(client, current.run_id))
+    # A candidate refused before (the same report again) keeps its version.
+    earlier = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = (
+        str(max(int(v.version) for v in earlier))
+        if earlier
+        else register_version(client, name, model_uri, run_id, tags, description, model_description)
     )
     if refused is None:
         client.set_registered_model_alias(name, alias, version)
         return Promotion(version, version)
     client.set_model_version_tag(name, version, REFUSED_TAG, f"@{alias}: {refused}"[:5000])
     return Promotion(version, str(current.version), refused)
+
+
+def _metrics(client, run_id: str) -> dict[str, float]:
+    """A run's metrics; none for a run that is gone (``mlflow gc``): nothing to beat."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).data.metrics
+    except MlflowException:
+        return {}
 
 
 def register_version(

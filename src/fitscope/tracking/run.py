@@ -89,10 +89,11 @@ class RunTracker:
             self.go_offline(f"{what}: {first_line(exc)}")
             return False
 
-    def watch_system(self, every_s: float) -> None:
+    def watch_system(self, every_s: float, resumed: bool = False) -> None:
         """Sample CPU, memory, disk and network (and GPU where there is one) every
         ``every_s`` seconds into the run's System metrics tab (MLflow's own monitor, in a
-        thread) until the run ends; a run offline, or without a server run, has none."""
+        thread) until the run ends; a run offline, or without a server run, has none.
+        A resumed run's samples continue its steps."""
         if self.offline or not self.run_id:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -100,7 +101,10 @@ class RunTracker:
         # Its start/stop lines, and its warning when the run ends or the server goes away.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
         monitor = SystemMetricsMonitor(
-            self.run_id, sampling_interval=every_s, tracking_uri=self.client.tracking_uri
+            self.run_id,
+            sampling_interval=every_s,
+            resume_logging=resumed,
+            tracking_uri=self.client.tracking_uri,
         )
         monitor.start()
         self.system_monitor = monitor
@@ -111,7 +115,8 @@ class RunTracker:
         monitor, self.system_monitor = self.system_monitor, None
         if monitor is None:
             return
-        monitor.finish()
+        if not _stopped(monitor):  # still in a call to a slow server: it ends on its own
+            return
         if not self.offline:
             with contextlib.suppress(Exception):  # the record matters, not this sample
                 monitor.collect_metrics()
@@ -122,9 +127,11 @@ class RunTracker:
         """Stop talking to the server; the record keeps the rest of the run."""
         assert self.record is not None
         self.offline = True
-        # Its thread ends by itself at its next call to the server (never joined: it may
-        # be waiting on that server's retries).
-        self.system_monitor = None
+        # Its thread ends at its next wake-up, or after the call it is in (never joined:
+        # it may be waiting on that server's retries).
+        monitor, self.system_monitor = self.system_monitor, None
+        if monitor is not None:
+            monitor._shutdown_event.set()
         if self.run_id:
             liveness.heartbeats.discard(self.run_id)
         self.record.update(offline_reason=reason)
@@ -284,6 +291,20 @@ class RunTracker:
         if self.closed:
             return
         self._close(Outcome(status, reason[:8000]))  # end_run tags the reason
+
+
+def _stopped(monitor: Any, wait_s: float = 2.0) -> bool:
+    """Stop MLflow's monitor thread, waiting at most ``wait_s`` (its ``finish`` joins
+    without a limit, and the thread may be in a call to a server that stopped answering);
+    True when it ended."""
+    monitor._shutdown_event.set()
+    thread = monitor._process
+    if thread is not None:
+        thread.join(wait_s)
+        if thread.is_alive():
+            return False
+    monitor.finish()  # the thread is gone: this only flushes
+    return True
 
 
 def open_record(
