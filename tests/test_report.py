@@ -24,6 +24,33 @@ def curve(train, val):
     ]
 
 
+def test_the_patience_replay_follows_lightnings_early_stopping_rule():
+    from fitscope.results.early_stopping import patience_replay, replays
+
+    values = [1.0, 0.8, 0.9, 0.85, 0.95, 0.7, 0.75]
+    # Patience 2: two epochs without improving on 0.8 (epochs 2 and 3): stops at epoch 3.
+    assert patience_replay(values, 2).as_dict() == {
+        "patience": 2,
+        "selected_epoch": 1,
+        "value": 0.8,
+        "stopped_epoch": 3,
+        "epochs_saved": 3,
+    }
+    # Patience 4: epoch 5 improves as the wait would end; the history ends first.
+    late = patience_replay(values, 4)
+    assert (late.selected_epoch, late.value, late.stopped_epoch, late.epochs_saved) == (
+        5,
+        0.7,
+        None,
+        0,
+    )
+    assert patience_replay(values, 2, min_delta=0.25).selected_epoch == 0  # 0.2 is not enough
+    accuracy = patience_replay([0.1, 0.5, 0.4, 0.3], 2, mode="max")
+    assert (accuracy.selected_epoch, accuracy.value, accuracy.stopped_epoch) == (1, 0.5, 3)
+    rows = [{"val/loss": v} for v in values]
+    assert [r.patience for r in replays(rows)] == [10, 20, 50, 100, 200]
+
+
 def test_val_rising_while_train_falls_is_overfitting():
     hist = curve(train=[0.7, 0.6, 0.5, 0.4, 0.3], val=[0.70, 0.62, 0.60, 0.64, 0.70])
     assert verdict(hist, best_val_in_dataset=0.60) == "overfitting"
@@ -108,6 +135,8 @@ def _fake_run(root, name, seed, best_val, run_id=None):
                 "stopped_epoch": 2,
                 "best_gap_loss": best_val - 0.5,
                 "wall_time_s": 1.5,
+                "test_loss": best_val + 0.01,
+                "last_epoch_test_loss": best_val + 0.03,
                 "mlflow_run_id": run_id or f"run-{name}-{seed}",
             }
         )
@@ -166,6 +195,12 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
     assert "| higgs-a | 481 | 0.6100 ± 0.0141 |" in text
     assert "| higgs-b | 481 | 0.6500 ± 0.0000 |" in text
     assert f"{run_ids['higgs-a', 0]}, {run_ids['higgs-a', 1]}" in text
+    # What early stopping bought: selected vs last epoch on test, and the patience replay
+    # (3 epochs: no patience of 10 or more runs out before the history ends).
+    early = text.split("## Early stopping")[1].split("## Learning curves")[0]
+    assert "| higgs-a | 1 | 2 | 0.6200 | 0.6400 | 1 (0.6000, run ended first) |" in early
+    assert "What early stopping bought" in early
+    assert "Early stopping" in (tmp_path / "reports" / "study.html").read_text()
     assert (tmp_path / "reports" / "figures" / "s1.png").stat().st_size > 10_000
     html = (tmp_path / "reports" / "study.html").read_text()
     assert "data:image/png;base64," in html and "higgs-b" in html

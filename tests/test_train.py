@@ -71,6 +71,20 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     # The test split is scored by the training process: in metrics.json and the run.
     assert summary["test_loss"] == pytest.approx(m["test/loss"]) and 0 < m["test/loss"] < 5
     assert 0 <= summary["test_auroc"] <= 1 and m["train_eval/loss"] == summary["train_eval_loss"]
+    # Calibration, and what early stopping bought: the last epoch's weights on the test split.
+    assert 0 <= m["test/ece"] <= 1 and summary["test_ece"] == pytest.approx(m["test/ece"])
+    last = m["last_epoch/test/loss"]
+    assert summary["last_epoch_test_loss"] == pytest.approx(last)
+    if m["fit/best_epoch"] == m["fit/stopped_epoch"]:
+        assert last == m["test/loss"]  # the selected epoch is the last
+    else:
+        assert last != m["test/loss"]
+    import mlflow
+
+    bought = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/early_stopping.json")
+    assert bought["selected_epoch"] == m["fit/best_epoch"]
+    assert bought["test_last"]["last_epoch/test/loss"] == pytest.approx(last)
+    assert [r["patience"] for r in bought["patience_replay"]] == [10, 20, 50, 100, 200]
     assert summary["precision"] == tags["fitscope.precision"]
     # trainer.num_threads=auto took the worker's OMP_NUM_THREADS (tests/conftest.py).
     threads = os.environ["OMP_NUM_THREADS"]

@@ -70,6 +70,22 @@ def test_restore_best_weights_loads_the_best_epoch(small_higgs):
     for key, tensor in snaps.states[best].items():
         torch.testing.assert_close(now[key], tensor)
     assert not torch.equal(now["model.0.weight"], snaps.states[len(val) - 1]["model.0.weight"])
+    # The last epoch's weights are set aside (what early stopping bought is scored on them).
+    for key, tensor in snaps.states[len(val) - 1].items():
+        torch.testing.assert_close(restore.last_state[key], tensor)
+
+
+def test_the_calibration_error_is_torchmetrics_expected_calibration_error():
+    """Two predictions at 0.9 (one right), two at 0.2 (both negatives): bins of 15 put
+    each pair in its own bin; |0.9 - 0.5| x 2/4 + |0.2 - 0| x 2/4 = 0.3."""
+    from fitscope.model.metrics import calibration_error
+
+    probs = torch.tensor([0.9, 0.9, 0.2, 0.2])
+    logits = torch.log(probs / (1 - probs))[:, None]
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert calibration_error("binary", logits, labels, 2) == pytest.approx(0.3, abs=1e-6)
+    perfect = torch.tensor([[10.0, -10.0], [-10.0, 10.0]])  # confident and right
+    assert calibration_error("multiclass", perfect, torch.tensor([0, 1]), 2) < 1e-4
 
 
 def test_early_stopping_stops_after_patience(small_higgs):
@@ -166,7 +182,13 @@ def test_torchmetrics_scores_equal_the_hand_written_figures(seed):
 def test_no_metric_is_hand_written_where_torchmetrics_has_it():
     """Accuracy and AUROC are torchmetrics' (the loss is the training objective itself)."""
     source = (REPO / "src" / "fitscope" / "model" / "metrics.py").read_text()
-    for name in ("binary_accuracy", "binary_auroc", "multiclass_accuracy"):
+    for name in (
+        "binary_accuracy",
+        "binary_auroc",
+        "multiclass_accuracy",
+        "binary_calibration_error",
+        "multiclass_calibration_error",
+    ):
         assert f"{name}(" in source
     assert "unique_consecutive" not in source and ".argmax(" not in source
 

@@ -105,10 +105,11 @@ def test_scores(
     task: str,
     num_classes: int,
     test: tuple[Any, Any],
-    train: tuple[Any, Any],
+    train: tuple[Any, Any] | None = None,
 ) -> dict[str, float]:
-    """The held-out test metrics of a trained model (eval mode), per-class accuracies for
-    multiclass, and its training loss in eval mode (``train_eval_loss``).
+    """The held-out test metrics of a trained model (eval mode): loss, accuracy (AUROC
+    for binary), the expected calibration error (``ece``), per-class accuracies for
+    multiclass, and with ``train`` its training loss in eval mode (``train_eval_loss``).
 
     Each split is tensors or memory-mapped arrays (the full HIGGS training split), scored
     in slices. The training loss logged during training has dropout active (as in
@@ -117,8 +118,34 @@ def test_scores(
     model = model.eval()
     logits, y = _forward(model, test[0]), targets_tensor(test[1], task)
     result = classification_metrics(task, logits, y, num_classes)
+    result["ece"] = calibration_error(task, logits, y, num_classes)
     if task == "multiclass":
         result.update(per_class_accuracy(logits, y, num_classes))
-    train_logits = _forward(model, train[0])
-    result["train_eval_loss"] = data_loss(task, train_logits, targets_tensor(train[1], task)).item()
+    if train is not None:
+        train_logits = _forward(model, train[0])
+        train_y = targets_tensor(train[1], task)
+        result["train_eval_loss"] = data_loss(task, train_logits, train_y).item()
     return result
+
+
+CALIBRATION_BINS = 15
+
+
+@torch.no_grad()
+def calibration_error(
+    task: str, logits: torch.Tensor, targets: torch.Tensor, num_classes: int
+) -> float:
+    """Expected calibration error (torchmetrics, 15 equal-width bins, L1): the mean gap
+    between confidence and accuracy, weighted by how many predictions fall in each bin.
+    Over-fit networks are over-confident, which accuracy and AUROC do not show."""
+    from torchmetrics.functional.classification import (
+        binary_calibration_error,
+        multiclass_calibration_error,
+    )
+
+    if task == "binary":
+        probs = torch.sigmoid(logits.squeeze(-1))
+        return binary_calibration_error(probs, targets.long(), n_bins=CALIBRATION_BINS).item()
+    return multiclass_calibration_error(
+        logits.softmax(-1), targets, num_classes=num_classes, n_bins=CALIBRATION_BINS
+    ).item()

@@ -18,6 +18,7 @@ from fitscope.core.fileio import atomic_path, write_json
 from fitscope.model.mlp import ProbabilityModel
 from fitscope.pipeline.identity import finite_value, recorded_config
 from fitscope.results.contract import metrics_file_key
+from fitscope.results.early_stopping import replays
 from fitscope.results.figures import run_figure
 from fitscope.results.verdict import DIVERGED_FACTOR, describe_run, own_verdict
 from fitscope.training.fit import FitResult
@@ -143,6 +144,7 @@ def log_run_record(
         tags["fitscope.diverged"] = diverged_note(summary)
     tracker.set_tags(tags)
     tracker.log_artifact(run_dir / "history.csv")
+    tracker.log_dict(early_stopping_record(cfg, rows, summary), "early_stopping.json")
     if (run_dir / "model.pt").is_file():  # restore_outputs brings it back from here
         tracker.log_artifact(run_dir / "model.pt")
     tracker.log_dict(recorded_config(cfg), "config/resolved.yaml")
@@ -150,6 +152,20 @@ def log_run_record(
         tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
     figure = run_figure(rows, cfg.variant, selected, run_dir / "learning_curves.png")
     tracker.log_artifact(figure)
+
+
+def early_stopping_record(cfg, rows: list[dict[str, float]], summary: dict) -> dict:
+    """What early stopping bought this run: the test metrics of the selected epoch against
+    the last one trained, and the epoch each patience of ``PATIENCES`` would have chosen."""
+    es = cfg.callbacks.early_stopping
+    return {
+        "monitor": es.monitor,
+        "selected_epoch": int(summary["fit/best_epoch"]),
+        "last_epoch": int(summary["fit/stopped_epoch"]),
+        "test_selected": {k: v for k, v in summary.items() if k.startswith("test/")},
+        "test_last": {k: v for k, v in summary.items() if k.startswith("last_epoch/test/")},
+        "patience_replay": [r.as_dict() for r in replays(rows, es.monitor, es.mode, es.min_delta)],
+    }
 
 
 def restore_outputs(client, run_id: str, run_dir: Path) -> bool:

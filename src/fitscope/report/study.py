@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -14,12 +12,14 @@ from typing import Any
 from fitscope.core.errors import FitscopeError
 from fitscope.core.fileio import atomic_path, write_csv
 from fitscope.pipeline.variants import variant_specs
+from fitscope.report.early_stopping import early_stopping_rows
+from fitscope.report.render import markdown, page_html, table_md
 from fitscope.results.figures import curve_pair, pyplot, save_png
 from fitscope.results.seeds import seed_dirs
-from fitscope.results.verdict import BASELINES, VERDICT_RULE, describe_run, figure_line, verdict
+from fitscope.results.verdict import BASELINES, describe_run, figure_line, verdict
 from fitscope.tracking.registry import PromotionRule, promote
 from fitscope.tracking.run import RunTracker
-from fitscope.tracking.store import get_client, where_to_look
+from fitscope.tracking.store import get_client
 from fitscope.tracking.tags import NOTE_TAG
 
 
@@ -266,29 +266,13 @@ def annotate_mlflow_runs(
         note = (
             f"Study report of **{study}** ({profile} profile): the variants compared at "
             f"their selected epochs; `study.md` / `study.html` in the artifacts.\n\n"
-            f"{_table_md(rows)}"
+            f"{table_md(rows)}"
         )
         for parent_id in parent_ids:
             tracker = RunTracker(client, parent_id)
             tracker.set_tags({NOTE_TAG: note})
             for path in files[study]:
                 tracker.log_artifact(path, "report")
-
-
-def _table_md(rows: list[dict[str, str]]) -> str:
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row[k] for k in head) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _table_html(rows: list[dict[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def write_study_report(
@@ -312,12 +296,13 @@ def write_study_report(
         results, profile, PromotionRule.from_params(params.get("champion"))
     )
     tables = {d: comparison_rows(results, d) for d in dict.fromkeys(r.dataset for r in results)}
+    early = early_stopping_rows(results)
     _write_comparison_csv(tables, out / "comparison.csv")
     seeds = max(len(r.runs) for r in results)
     with atomic_path(out / "study.md") as tmp:
-        tmp.write_text(_markdown(profile, seeds, tables, figures, champions))
+        tmp.write_text(markdown(profile, seeds, tables, figures, champions, early))
     with atomic_path(out / "study.html") as tmp:
-        tmp.write_text(_html(profile, tables, figures, champions))
+        tmp.write_text(page_html(profile, tables, figures, champions, early))
     shared = [out / "study.md", out / "study.html", out / "comparison.csv"]
     annotate_mlflow_runs(
         results, profile, tables, {s: [*shared, png] for s, png in figures.items()}
@@ -331,65 +316,3 @@ def _write_comparison_csv(tables: dict[str, list[dict[str, str]]], path: Path) -
         lines.append(["dataset", *rows[0]])
         lines += ([dataset, *row.values()] for row in rows)
     write_csv(path, lines)
-
-
-def _markdown(profile: str, seeds: int, tables: dict, figures: dict, champions: dict) -> str:
-    banner = (
-        ""
-        if profile == "classic"
-        else f"> **{profile} profile**: shortened runs (fewer epochs, smaller patience) for a "
-        "demo; these numbers are not the classic study. Run `dvc repro` with "
-        "`study.profile: classic` for the real protocol.\n\n"
-    )
-    md = [
-        f"# fitscope study report ({profile} profile)\n",
-        banner,
-        f"Seeds per variant: {seeds}"
-        + (" (values are mean ± std)" if seeds > 1 else "")
-        + ". Validation = the split early stopping watches; test = the held-out split "
-        "scored once, by the training job, with the restored weights. Val columns are at "
-        "the selected epoch: the best one, whose weights were restored (HIGGS presets), "
-        "or the last one (the MNIST presets "
-        "train a fixed number of epochs, as the classic experiments did; there the 100 "
-        "held-out validation digits play the role of the classic test curve). Binary "
-        "accuracy thresholds the probability at 0.5.\n",
-        f"Verdict rule: {VERDICT_RULE}\n",
-    ]
-    for dataset, rows in tables.items():
-        md += [f"## {dataset.upper()}\n", _table_md(rows), ""]
-    md.append("## Learning curves\n")
-    for study_name, png in figures.items():
-        md += [f"### {study_name}\n", f"![{study_name}](figures/{png.name})\n"]
-    md.append("## Registered champions\n")
-    md += [f"- {d}: `{c}`" for d, c in champions.items()] or ["- none (runs were not tracked)"]
-    md.append(f"\nCompare runs interactively: {where_to_look()}.\n")
-    return "\n".join(md)
-
-
-def _html(profile: str, tables: dict, figures: dict, champions: dict) -> str:
-    figs_html = "".join(
-        f"<h3>{html.escape(s)}</h3><img alt='{html.escape(s)}' src='data:image/png;base64,"
-        f"{base64.b64encode(p.read_bytes()).decode()}'>"
-        for s, p in figures.items()
-    )
-    tables_html = "".join(f"<h2>{d.upper()}</h2>{_table_html(rows)}" for d, rows in tables.items())
-    champs_html = "".join(f"<li><code>{html.escape(c)}</code></li>" for c in champions.values())
-    demo = (
-        f"<p><b>{html.escape(profile)} profile</b>: shortened runs for a demo; not the "
-        "classic study.</p>"
-        if profile != "classic"
-        else ""
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>fitscope study</title><style>"
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:900px}</style></head><body>"
-        f"<h1>fitscope study report ({html.escape(profile)} profile)</h1>"
-        + demo
-        + f"<p>Verdict rule: {html.escape(VERDICT_RULE.replace('**', ''))}</p>"
-        + tables_html
-        + "<h2>Learning curves</h2>"
-        + figs_html
-        + f"<h2>Registered champions</h2><ul>{champs_html or '<li>none</li>'}</ul>"
-        + "</body></html>"
-    )

@@ -13,4 +13,11 @@ def metrics_file_key(key: str) -> str:
 
 
 # The per-seed keys of a run's metrics.json that this stage averages (train._fit writes them).
-SCORE_KEYS = ("test_loss", "test_acc", "test_auroc", "train_eval_loss")
+SCORE_KEYS = (
+    "test_loss",
+    "test_acc",
+    "test_auroc",
+    "train_eval_loss",
+    "test_ece",  # expected calibration error (model.metrics.calibration_error)
+    "last_epoch_test_loss",  # the last trained epoch's weights: what early stopping bought
+)

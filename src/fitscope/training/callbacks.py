@@ -113,6 +113,9 @@ class RestoreBestWeights(pl.Callback):
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        # The last trained epoch's weights, kept when the best are restored: what early
+        # stopping bought is scored against them (training.fit).
+        self.last_state: dict[str, torch.Tensor] | None = None
 
     def _improved(self, value: float) -> bool:
         if self.best_score is None:
@@ -131,14 +134,17 @@ class RestoreBestWeights(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.best_state is not None:
+            self.last_state = copy.deepcopy(pl_module.state_dict())
             pl_module.load_state_dict(self.best_state)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"score": self.best_score, "epoch": self.best_epoch, "weights": self.best_state}
+        state = {"score": self.best_score, "epoch": self.best_epoch, "weights": self.best_state}
+        return state | ({"last": self.last_state} if self.last_state is not None else {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score, self.best_epoch = state_dict["score"], state_dict["epoch"]
         self.best_state = state_dict["weights"]
+        self.last_state = state_dict.get("last")
 
 
 class PeriodicCheckpoint(Checkpoint):

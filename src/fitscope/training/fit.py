@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 TrainConfig = Any
 
 
+LAST_KEYS = ("loss", "acc", "auroc", "ece")  # scored again on the last epoch's weights
+
+
 @dataclass
 class FitResult:
     """What one fit found: the epoch history, the selected epoch and its scores."""
@@ -49,6 +52,7 @@ class FitResult:
     wall_s: float
     model: Any  # the MLP on the CPU, eval mode, holding the selected epoch's weights
     scores: dict[str, float]  # held-out test metrics, and train_eval_loss
+    last_scores: dict[str, float]  # the last trained epoch's test metrics (what ES bought)
     constant_val_loss: float  # a constant predictor's val loss (results.verdict: diverged)
     threads_at_end: int  # torch threads when the fit ended (callbacks.ShareIdleCores)
 
@@ -80,6 +84,7 @@ class FitResult:
             **{f"best/{k}": v for k, v in row.items() if k.startswith(("train/", "val/"))},
             "best/gap_loss": row["val/loss"] - row["train/loss"],
             **scores,
+            **{f"last_epoch/test/{k}": v for k, v in self.last_scores.items() if k in LAST_KEYS},
         }
 
 
@@ -264,6 +269,23 @@ def _fit(trainer, module, dm, strategy: str, threads: int, resume_from, returned
     return wall
 
 
+def _last_epoch_scores(
+    cfg: TrainConfig, dm, trainer, watch: Watchers, selected: int, scores: dict[str, float]
+) -> dict[str, float]:
+    """The test metrics of the last trained epoch's weights: the selected epoch's when it
+    is the last, else scored on the weights the restore set aside (then the best again)."""
+    restore, last = watch.restore, watch.history.rows[-1]["epoch"]
+    if selected == last or restore is None or restore.last_state is None:
+        return scores
+    module = trainer.lightning_module
+    module.load_state_dict(restore.last_state)
+    try:
+        task, classes = cfg.data.task, cfg.data.num_classes
+        return test_scores(module.model.eval(), task, classes, dm.tensors["test"])
+    finally:
+        module.load_state_dict(restore.best_state)
+
+
 def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) -> FitResult:
     import torch
 
@@ -286,6 +308,7 @@ def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) ->
     )
     early = watch.early
     return FitResult(
+        last_scores=_last_epoch_scores(cfg, dm, trainer, watch, selected, scores),
         history=watch.history,
         selected=selected,
         stopped=rows[-1]["epoch"],
