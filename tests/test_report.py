@@ -124,6 +124,11 @@ def _fake_run(root, name, seed, best_val, run_id=None):
             w.writerow(
                 {**h, "train/acc": 0.7, "val/acc": 0.6, "train/auroc": 0.7, "val/auroc": 0.65}
             )
+    (d / "calibration.csv").write_text(
+        "bin_low,bin_high,confidence,accuracy,count\n0.2,0.2667,0.25,0.2,40\n0.6,0.6667,0.63,0.7,60\n"
+    )
+    (d / "roc.csv").write_text("fpr,tpr\n0.0,0.0\n0.3,0.7\n1.0,1.0\n")
+    (d / "pr.csv").write_text("recall,precision\n1.0,0.5\n0.7,0.7\n0.0,1.0\n")
     (d / "metrics.json").write_text(
         json.dumps(
             {
@@ -136,6 +141,7 @@ def _fake_run(root, name, seed, best_val, run_id=None):
                 "best_gap_loss": best_val - 0.5,
                 "wall_time_s": 1.5,
                 "test_loss": best_val + 0.01,
+                "test_ece": 0.05,
                 "last_epoch_test_loss": best_val + 0.03,
                 "mlflow_run_id": run_id or f"run-{name}-{seed}",
             }
@@ -201,6 +207,14 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
     assert "| higgs-a | 1 | 2 | 0.6200 | 0.6400 | 1 (0.6000, run ended first) |" in early
     assert "What early stopping bought" in early
     assert "Early stopping" in (tmp_path / "reports" / "study.html").read_text()
+    # Calibration: ECE per variant, the reliability diagram with ROC and PR, dvc plots files.
+    calibration = text.split("## Calibration")[1].split("## Learning curves")[0]
+    assert "| higgs-a | 0.0500 |" in calibration and "reliability diagram" in calibration
+    assert (tmp_path / "reports" / "figures" / "calibration_higgs.png").stat().st_size > 10_000
+    assert "![calibration higgs](figures/calibration_higgs.png)" in calibration
+    with open(tmp_path / "reports" / "calibration" / "higgs-a.csv") as fh:
+        assert next(csv.reader(fh)) == ["bin_low", "bin_high", "confidence", "accuracy", "count"]
+    assert (tmp_path / "reports" / "roc" / "higgs-b.csv").read_text().startswith("fpr,tpr")
     assert (tmp_path / "reports" / "figures" / "s1.png").stat().st_size > 10_000
     html = (tmp_path / "reports" / "study.html").read_text()
     assert "data:image/png;base64," in html and "higgs-b" in html

@@ -85,6 +85,9 @@ def test_higgs_debug_run_is_fully_tracked(processed_dir, tmp_path, mlflow_uri):
     assert bought["selected_epoch"] == m["fit/best_epoch"]
     assert bought["test_last"]["last_epoch/test/loss"] == pytest.approx(last)
     assert [r["patience"] for r in bought["patience_replay"]] == [10, 20, 50, 100, 200]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    for name in ("calibration.csv", "roc.csv", "pr.csv"):  # the test split's curves
+        assert (tmp_path / "run" / name).stat().st_size > 0 and name in logged, name
     assert summary["precision"] == tags["fitscope.precision"]
     # trainer.num_threads=auto took the worker's OMP_NUM_THREADS (tests/conftest.py).
     threads = os.environ["OMP_NUM_THREADS"]

@@ -215,3 +215,21 @@ def test_shift_images_moves_pixels_within_bounds():
     pos = shifted.nonzero()[:, 1:]
     assert pos.min() >= 12 and pos.max() <= 16
     assert len({tuple(p.tolist()) for p in pos}) > 1
+
+
+def test_the_reliability_bins_add_up_to_torchmetrics_ece():
+    """The reliability diagram's bins are the ECE's: their weighted gaps sum to it."""
+    from fitscope.model.metrics import calibration_error, test_curves
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    x, y = torch.randn(500, 5), (torch.rand(500) > 0.4).float()
+    curves = test_curves(model, "binary", (x, y))
+    header, *bins = curves["calibration"]
+    assert header == ["bin_low", "bin_high", "confidence", "accuracy", "count"]
+    assert sum(b[4] for b in bins) == 500
+    gaps = sum(abs(b[2] - b[3]) * b[4] for b in bins) / 500
+    assert gaps == pytest.approx(calibration_error("binary", model(x), y, 2), abs=1e-5)
+    fpr, tpr = zip(*curves["roc"][1:], strict=True)
+    assert fpr[0] == 0 and fpr[-1] == 1 and list(tpr) == sorted(tpr)
+    assert curves["pr"][0] == ["recall", "precision"]

@@ -149,3 +149,43 @@ def calibration_error(
     return multiclass_calibration_error(
         logits.softmax(-1), targets, num_classes=num_classes, n_bins=CALIBRATION_BINS
     ).item()
+
+
+@torch.no_grad()
+def test_curves(model: torch.nn.Module, task: str, test: tuple[Any, Any]) -> dict[str, list]:
+    """The test split's curves, each a header row and its rows: the reliability
+    diagram's bins (``calibration``: the mean confidence and the accuracy of the
+    predictions in each of the ECE's 15 bins) and, for a binary task, ROC and
+    precision-recall curves (torchmetrics, exact thresholds)."""
+    from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
+
+    logits, y = _forward(model.eval(), test[0]), targets_tensor(test[1], task)
+    if task == "binary":
+        probs = torch.sigmoid(logits.squeeze(-1))
+        # torchmetrics' binary ECE: confidence = P(positive), "accuracy" = the label.
+        confidence, correct = probs, y.float()
+    else:
+        confidence, predicted = logits.softmax(-1).max(-1)
+        correct = (predicted == y).float()
+    edges = torch.linspace(0, 1, CALIBRATION_BINS + 1)
+    bins = torch.bucketize(confidence, edges[1:-1], right=True)
+    calibration = [
+        [
+            float(edges[b]),
+            float(edges[b + 1]),
+            float(confidence[bins == b].mean()),
+            float(correct[bins == b].mean()),
+            int((bins == b).sum()),
+        ]
+        for b in range(CALIBRATION_BINS)
+        if (bins == b).any()
+    ]
+    header = ["bin_low", "bin_high", "confidence", "accuracy", "count"]
+    curves: dict[str, list] = {"calibration": [header, *calibration]}
+    if task == "binary":
+        fpr, tpr, _ = binary_roc(probs, y.long(), thresholds=None)
+        precision, recall, _ = binary_precision_recall_curve(probs, y.long(), thresholds=None)
+        roc = [[float(a), float(b)] for a, b in zip(fpr, tpr, strict=True)]
+        pr = [[float(a), float(b)] for a, b in zip(recall, precision, strict=True)]
+        curves |= {"roc": [["fpr", "tpr"], *roc], "pr": [["recall", "precision"], *pr]}
+    return curves

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fitscope.core.fileio import atomic_path, write_json
+from fitscope.core.fileio import atomic_path, write_csv, write_json
 from fitscope.model.mlp import ProbabilityModel
 from fitscope.pipeline.identity import finite_value, recorded_config
 from fitscope.results.contract import metrics_file_key
@@ -28,7 +28,15 @@ log = logging.getLogger(__name__)
 RESUME_RUN_FILE = "mlflow_run.json"  # beside last.ckpt: the MLflow run the checkpoint belongs to
 # What a finished run leaves in its run directory and logs as artifacts of the same names:
 # restore_outputs brings them back. metrics.json last: it says the others are complete.
-RUN_FILES = ("history.csv", "model.pt", "learning_curves.png", "metrics.json")
+# The test split's curves (model.metrics.test_curves): for the report and `dvc plots`.
+CURVE_FILES = {name: f"{name}.csv" for name in ("calibration", "roc", "pr")}
+RUN_FILES = (
+    "history.csv",
+    "model.pt",
+    "learning_curves.png",
+    *CURVE_FILES.values(),
+    "metrics.json",
+)
 
 
 def write_outputs(
@@ -69,6 +77,8 @@ def _save_files(cfg: DictConfig, run_dir: Path, result: FitResult) -> None:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     result.history.write_csv(run_dir / "history.csv")
+    for name, rows in result.curves.items():
+        write_csv(run_dir / CURVE_FILES[name], rows)
     if cfg.callbacks.checkpoint.save_best:
         with atomic_path(run_dir / "model.pt") as tmp:
             state = {
@@ -144,6 +154,8 @@ def log_run_record(
         tags["fitscope.diverged"] = diverged_note(summary)
     tracker.set_tags(tags)
     tracker.log_artifact(run_dir / "history.csv")
+    for name in result_curves(run_dir):
+        tracker.log_artifact(run_dir / name)
     tracker.log_dict(early_stopping_record(cfg, rows, summary), "early_stopping.json")
     if (run_dir / "model.pt").is_file():  # restore_outputs brings it back from here
         tracker.log_artifact(run_dir / "model.pt")
@@ -152,6 +164,11 @@ def log_run_record(
         tracker.log_artifacts(run_dir / ".hydra", "config/hydra")
     figure = run_figure(rows, cfg.variant, selected, run_dir / "learning_curves.png")
     tracker.log_artifact(figure)
+
+
+def result_curves(run_dir: Path) -> list[str]:
+    """The curve files a run wrote (ROC and PR for a binary task only)."""
+    return [name for name in CURVE_FILES.values() if (run_dir / name).is_file()]
 
 
 def early_stopping_record(cfg, rows: list[dict[str, float]], summary: dict) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 
+from fitscope.report.calibration import SENTENCE as CALIBRATION
 from fitscope.report.early_stopping import SENTENCE as EARLY_STOPPING
 from fitscope.results.verdict import VERDICT_RULE
 from fitscope.tracking.store import where_to_look
@@ -28,7 +29,13 @@ def table_html(rows: list[dict[str, str]]) -> str:
 
 
 def markdown(
-    profile: str, seeds: int, tables: dict, figures: dict, champions: dict, early: dict
+    profile: str,
+    seeds: int,
+    tables: dict,
+    figures: dict,
+    champions: dict,
+    early: dict,
+    calibration: dict,
 ) -> str:
     banner = (
         ""
@@ -56,6 +63,11 @@ def markdown(
     md += ["## Early stopping\n", f"{EARLY_STOPPING}\n"]
     for dataset, rows in early.items():
         md += [f"### {dataset.upper()}\n", table_md(rows), ""]
+    md += ["## Calibration\n", f"{CALIBRATION}\n"]
+    for dataset, section in calibration.items():
+        md += [f"### {dataset.upper()}\n", table_md(section["rows"]), ""]
+        if section["figure"] is not None:
+            md.append(f"![calibration {dataset}](figures/{section['figure'].name})\n")
     md.append("## Learning curves\n")
     for study_name, png in figures.items():
         md += [f"### {study_name}\n", f"![{study_name}](figures/{png.name})\n"]
@@ -65,12 +77,15 @@ def markdown(
     return "\n".join(md)
 
 
-def page_html(profile: str, tables: dict, figures: dict, champions: dict, early: dict) -> str:
-    figs_html = "".join(
-        f"<h3>{html.escape(s)}</h3><img alt='{html.escape(s)}' src='data:image/png;base64,"
-        f"{base64.b64encode(p.read_bytes()).decode()}'>"
-        for s, p in figures.items()
-    )
+def _image(path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def page_html(
+    profile: str, tables: dict, figures: dict, champions: dict, early: dict, calibration: dict
+) -> str:
+    figs_html = "".join(f"<h3>{html.escape(s)}</h3>{_image(p, s)}" for s, p in figures.items())
     tables_html = "".join(f"<h2>{d.upper()}</h2>{table_html(rows)}" for d, rows in tables.items())
     champs_html = "".join(f"<li><code>{html.escape(c)}</code></li>" for c in champions.values())
     demo = (
@@ -89,6 +104,12 @@ def page_html(profile: str, tables: dict, figures: dict, champions: dict, early:
         + tables_html
         + f"<h2>Early stopping</h2><p>{html.escape(EARLY_STOPPING)}</p>"
         + "".join(f"<h3>{d.upper()}</h3>{table_html(rows)}" for d, rows in early.items())
+        + f"<h2>Calibration</h2><p>{html.escape(CALIBRATION)}</p>"
+        + "".join(
+            f"<h3>{d.upper()}</h3>{table_html(c['rows'])}"
+            + (_image(c["figure"], f"calibration {d}") if c["figure"] is not None else "")
+            for d, c in calibration.items()
+        )
         + "<h2>Learning curves</h2>"
         + figs_html
         + f"<h2>Registered champions</h2><ul>{champs_html or '<li>none</li>'}</ul>"

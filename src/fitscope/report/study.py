@@ -12,6 +12,7 @@ from typing import Any
 from fitscope.core.errors import FitscopeError
 from fitscope.core.fileio import atomic_path, write_csv
 from fitscope.pipeline.variants import variant_specs
+from fitscope.report.calibration import calibration_sections
 from fitscope.report.early_stopping import early_stopping_rows
 from fitscope.report.render import markdown, page_html, table_md
 from fitscope.results.figures import curve_pair, pyplot, save_png
@@ -297,12 +298,13 @@ def write_study_report(
     )
     tables = {d: comparison_rows(results, d) for d in dict.fromkeys(r.dataset for r in results)}
     early = early_stopping_rows(results)
+    calibration = calibration_sections(results, Path(runs_root), out)
     _write_comparison_csv(tables, out / "comparison.csv")
     seeds = max(len(r.runs) for r in results)
     with atomic_path(out / "study.md") as tmp:
-        tmp.write_text(markdown(profile, seeds, tables, figures, champions, early))
+        tmp.write_text(markdown(profile, seeds, tables, figures, champions, early, calibration))
     with atomic_path(out / "study.html") as tmp:
-        tmp.write_text(page_html(profile, tables, figures, champions, early))
+        tmp.write_text(page_html(profile, tables, figures, champions, early, calibration))
     shared = [out / "study.md", out / "study.html", out / "comparison.csv"]
     annotate_mlflow_runs(
         results, profile, tables, {s: [*shared, png] for s, png in figures.items()}

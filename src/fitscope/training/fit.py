@@ -18,7 +18,7 @@ from typing import Any
 
 from fitscope.core.errors import FitscopeError
 from fitscope.core.progress import LineProgress
-from fitscope.model.metrics import constant_loss, test_scores
+from fitscope.model.metrics import constant_loss, test_curves, test_scores
 from fitscope.model.mlp import build_mlp_for, count_parameters
 from fitscope.training.callbacks import (
     EpochHistory,
@@ -53,6 +53,7 @@ class FitResult:
     model: Any  # the MLP on the CPU, eval mode, holding the selected epoch's weights
     scores: dict[str, float]  # held-out test metrics, and train_eval_loss
     last_scores: dict[str, float]  # the last trained epoch's test metrics (what ES bought)
+    curves: dict[str, list]  # the test split's reliability bins, ROC and PR (binary)
     constant_val_loss: float  # a constant predictor's val loss (results.verdict: diverged)
     threads_at_end: int  # torch threads when the fit ended (callbacks.ShareIdleCores)
 
@@ -308,6 +309,7 @@ def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) ->
     )
     early = watch.early
     return FitResult(
+        curves=test_curves(mlp, cfg.data.task, dm.tensors["test"]),
         last_scores=_last_epoch_scores(cfg, dm, trainer, watch, selected, scores),
         history=watch.history,
         selected=selected,
