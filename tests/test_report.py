@@ -49,6 +49,16 @@ def test_the_patience_replay_follows_lightnings_early_stopping_rule():
     assert (accuracy.selected_epoch, accuracy.value, accuracy.stopped_epoch) == (1, 0.5, 3)
     rows = [{"val/loss": v} for v in values]
     assert [r.patience for r in replays(rows)] == [10, 20, 50, 100, 200]
+    # As Lightning: the wait counts from before epoch 0, a non-finite value never improves.
+    nan = float("nan")
+    never = patience_replay([nan, nan, nan], 2)
+    assert (never.selected_epoch, never.stopped_epoch, never.epochs_saved) == (None, 1, 1)
+    late_start = patience_replay([nan, 0.5, 0.4], 2)
+    assert (late_start.selected_epoch, late_start.value, late_start.stopped_epoch) == (
+        2,
+        0.4,
+        None,
+    )
 
 
 def test_val_rising_while_train_falls_is_overfitting():

@@ -233,3 +233,21 @@ def test_the_reliability_bins_add_up_to_torchmetrics_ece():
     fpr, tpr = zip(*curves["roc"][1:], strict=True)
     assert fpr[0] == 0 and fpr[-1] == 1 and list(tpr) == sorted(tpr)
     assert curves["pr"][0] == ["recall", "precision"]
+
+
+def test_saturated_predictions_get_torchmetrics_own_bin_and_long_curves_are_thinned():
+    from fitscope.model.metrics import CURVE_POINTS, calibration_error, test_curves
+
+    torch.manual_seed(1)
+    x = torch.randn(3000, 1)
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(30.0)  # many probabilities of exactly 1.0 in float32
+    y = (torch.rand(3000) > 0.5).float()
+    _, *bins = test_curves(model, "binary", (x, y))["calibration"]
+    assert bins[-1][:2] == [1.0, 1.0] and bins[-1][4] > 0  # the 16th bin: confidence 1
+    gaps = sum(abs(b[2] - b[3]) * b[4] for b in bins) / 3000
+    assert gaps == pytest.approx(calibration_error("binary", model(x), y, 2), abs=1e-5)
+    curves = test_curves(torch.nn.Linear(1, 1), "binary", (x, y))  # 3000 distinct scores
+    assert len(curves["roc"]) - 1 <= CURVE_POINTS and curves["roc"][1] == [0.0, 0.0]
+    assert curves["roc"][-1] == [1.0, 1.0]

@@ -77,8 +77,6 @@ def _save_files(cfg: DictConfig, run_dir: Path, result: FitResult) -> None:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     result.history.write_csv(run_dir / "history.csv")
-    for name, rows in result.curves.items():
-        write_csv(run_dir / CURVE_FILES[name], rows)
     if cfg.callbacks.checkpoint.save_best:
         with atomic_path(run_dir / "model.pt") as tmp:
             state = {
@@ -86,6 +84,8 @@ def _save_files(cfg: DictConfig, run_dir: Path, result: FitResult) -> None:
                 "config": recorded_config(cfg),
             }
             torch.save(state, tmp)
+    for name, rows in result.curves.items():  # after model.pt: a failed save leaves only history
+        write_csv(run_dir / CURVE_FILES[name], rows)
 
 
 def _track(

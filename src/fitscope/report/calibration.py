@@ -62,6 +62,8 @@ def calibration_sections(results: list[Any], runs_root: Path, out: Path) -> dict
     """Per dataset: its figure (None without curves: runs of an older fitscope) and a row
     per variant (ECE over seeds, the seed-0 curve files written for `dvc plots`)."""
     sections: dict[str, Any] = {}
+    for folder in ("calibration", "roc"):  # DVC outputs: there even when nothing fills them
+        (out / folder).mkdir(parents=True, exist_ok=True)
     for dataset in dict.fromkeys(r.dataset for r in results):
         group = [r for r in results if r.dataset == dataset]
         curves = {r.name: c for r in group if "calibration" in (c := _seed0_curves(runs_root, r))}

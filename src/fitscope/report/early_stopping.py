@@ -23,6 +23,8 @@ def _mean(values: list[float]) -> str:
 
 def _replay_cell(history: list[dict[str, float]], patience: int) -> str:
     replay = replays(history, patiences=(patience,))[0]
+    if replay.selected_epoch is None:
+        return "n/a (no finite value)"
     saved = "run ended first" if replay.stopped_epoch is None else f"-{replay.epochs_saved} ep"
     return f"{replay.selected_epoch} ({replay.value:.4f}, {saved})"
 

@@ -13,8 +13,8 @@ PATIENCES = (10, 20, 50, 100, 200)
 @dataclass(frozen=True)
 class Replay:
     patience: int
-    selected_epoch: int  # the best epoch up to where this patience stops
-    value: float  # the monitored value there
+    selected_epoch: int | None  # the best epoch up to where it stops (None: none finite)
+    value: float  # the monitored value there (nan: none finite)
     stopped_epoch: int | None  # None: the history ends before this patience runs out
     epochs_saved: int  # epochs the run trained after where this patience stops
 
@@ -26,18 +26,22 @@ def patience_replay(
     values: list[float], patience: int, mode: str = "min", min_delta: float = 0.0
 ) -> Replay:
     """Replay early stopping with ``patience`` over the per-epoch ``values`` (epoch i is
-    ``values[i]``); ``mode``: ``min`` for a loss, ``max`` for an accuracy."""
+    ``values[i]``); ``mode``: ``min`` for a loss, ``max`` for an accuracy. As Lightning,
+    the wait counts from before the first epoch (a best of infinity), and a non-finite
+    value never improves."""
     sign = 1.0 if mode == "min" else -1.0
     best_epoch, best = None, math.inf
     for epoch, value in enumerate(values):
         score = sign * value
         if math.isfinite(score) and (best_epoch is None or score < best - abs(min_delta)):
             best_epoch, best = epoch, score
-        elif best_epoch is not None and epoch - best_epoch >= patience:
-            return Replay(patience, best_epoch, sign * best, epoch, len(values) - 1 - epoch)
-    if best_epoch is None:
-        raise ValueError("no finite value to select an epoch from")
-    return Replay(patience, best_epoch, sign * best, None, 0)
+        elif epoch - (-1 if best_epoch is None else best_epoch) >= patience:
+            return _replay(patience, best_epoch, sign * best, epoch, len(values) - 1 - epoch)
+    return _replay(patience, best_epoch, sign * best, None, 0)
+
+
+def _replay(patience: int, epoch: int | None, value: float, stopped, saved: int) -> Replay:
+    return Replay(patience, epoch, value if epoch is not None else math.nan, stopped, saved)
 
 
 def replays(
