@@ -92,6 +92,12 @@ def write_csv(path: str | os.PathLike[str], rows: Iterable[Sequence[Any]]) -> No
         csv.writer(fh).writerows(rows)
 
 
+def read_float_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """The rows of a CSV with a header row, every value as a float (history.csv, curves)."""
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
 def write_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Save an array as ``.npy`` (memory-mappable), atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:

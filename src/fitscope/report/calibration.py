@@ -5,14 +5,12 @@ with each variant's expected calibration error; the seed-0 curves as CSV for
 
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
 from typing import Any
 
-from fitscope.core.fileio import write_csv
+from fitscope.core.fileio import read_float_csv, write_csv
 from fitscope.results.figures import pyplot, save_png
-from fitscope.results.seeds import seed_dirs
 
 SENTENCE = (
     "Calibration on the test split (seed 0): a calibrated model's points lie on the "
@@ -22,16 +20,13 @@ SENTENCE = (
     "binary task: ROC and precision-recall curves beside it."
 )
 KINDS = ("calibration", "roc", "pr")
+DVC_PLOTS = ("calibration", "roc")  # reports/<kind>/<variant>.csv (dvc.yaml plots)
 
 
-def _read(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def _seed0_curves(runs_root: Path, result: Any) -> dict[str, list[dict[str, float]]]:
-    run_dir = seed_dirs(runs_root / result.dataset / result.name)[0]
-    return {k: _read(run_dir / f"{k}.csv") for k in KINDS if (run_dir / f"{k}.csv").is_file()}
+def _seed0_curves(result: Any) -> dict[str, list[dict[str, float]]]:
+    run_dir = result.run_dirs[0]
+    files = {kind: run_dir / f"{kind}.csv" for kind in KINDS}
+    return {kind: read_float_csv(path) for kind, path in files.items() if path.is_file()}
 
 
 def _figure(curves: dict[str, dict[str, list]], dataset: str, path: Path) -> Path:
@@ -58,22 +53,21 @@ def _figure(curves: dict[str, dict[str, list]], dataset: str, path: Path) -> Pat
     return path
 
 
-def calibration_sections(results: list[Any], runs_root: Path, out: Path) -> dict[str, Any]:
+def calibration_sections(results: list[Any], out: Path) -> dict[str, Any]:
     """Per dataset: its figure (None without curves: runs of an older fitscope) and a row
     per variant (ECE over seeds, the seed-0 curve files written for `dvc plots`)."""
     sections: dict[str, Any] = {}
-    for folder in ("calibration", "roc"):  # DVC outputs: there even when nothing fills them
-        (out / folder).mkdir(parents=True, exist_ok=True)
+    for kind in DVC_PLOTS:  # DVC outputs: there even when nothing fills them
+        (out / kind).mkdir(parents=True, exist_ok=True)
     for dataset in dict.fromkeys(r.dataset for r in results):
         group = [r for r in results if r.dataset == dataset]
-        curves = {r.name: c for r in group if "calibration" in (c := _seed0_curves(runs_root, r))}
+        curves = {r.name: c for r in group if "calibration" in (c := _seed0_curves(r))}
         for name, c in curves.items():
-            for kind, folder in (("calibration", "calibration"), ("roc", "roc")):
+            for kind in DVC_PLOTS:
                 if kind in c:
                     rows = c[kind]
-                    write_csv(
-                        out / folder / f"{name}.csv", [list(rows[0]), *map(dict.values, rows)]
-                    )
+                    lines = [list(rows[0]), *(list(row.values()) for row in rows)]
+                    write_csv(out / kind / f"{name}.csv", lines)
         figure = (
             _figure(curves, dataset, out / "figures" / f"calibration_{dataset}.png")
             if curves

@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from fitscope.results.early_stopping import PATIENCES, replays
+from fitscope.results.early_stopping import Replay, replays
 
 SENTENCE = (
     "What early stopping bought: the test loss of the restored (selected) epoch against the "
@@ -21,8 +21,7 @@ def _mean(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f}" if values else "n/a"
 
 
-def _replay_cell(history: list[dict[str, float]], patience: int) -> str:
-    replay = replays(history, patiences=(patience,))[0]
+def _replay_cell(replay: Replay) -> str:
     if replay.selected_epoch is None:
         return "n/a (no finite value)"
     saved = "run ended first" if replay.stopped_epoch is None else f"-{replay.epochs_saved} ep"
@@ -42,6 +41,6 @@ def early_stopping_rows(results: list[Any]) -> dict[str, list[dict[str, str]]]:
             "test loss (selected)": _mean(selected),
             "test loss (last)": _mean(last),
         }
-        row |= {f"patience {p}": _replay_cell(r.histories[0], p) for p in PATIENCES}
+        row |= {f"patience {x.patience}": _replay_cell(x) for x in replays(r.histories[0])}
         tables.setdefault(r.dataset, []).append(row)
     return tables

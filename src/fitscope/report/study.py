@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fitscope.core.errors import FitscopeError
-from fitscope.core.fileio import atomic_path, write_csv
+from fitscope.core.fileio import atomic_path, read_float_csv, write_csv
 from fitscope.pipeline.variants import variant_specs
 from fitscope.report.calibration import calibration_sections
 from fitscope.report.early_stopping import early_stopping_rows
@@ -31,17 +30,13 @@ class VariantResult:
     study: str
     runs: list[dict[str, Any]]  # metrics.json of each seed
     histories: list[list[dict[str, float]]]
+    run_dirs: list[Path]  # one per seed, in seed order (seed 0 first)
     test: dict[str, Any]
     verdicts: list[str] = field(default_factory=list)
 
     def stat(self, key: str) -> tuple[float, float]:
         values = [r[key] for r in self.runs]
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _read_history(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def load_results(params: dict[str, Any], runs_root: Path, metrics_dir: Path) -> list[VariantResult]:
@@ -66,7 +61,8 @@ def load_results(params: dict[str, Any], runs_root: Path, metrics_dir: Path) -> 
                 dataset=dataset,
                 study=spec["study"],
                 runs=[json.loads((d / "metrics.json").read_text()) for d in dirs],
-                histories=[_read_history(d / "history.csv") for d in dirs],
+                run_dirs=dirs,
+                histories=[read_float_csv(d / "history.csv") for d in dirs],
                 test=tests[dataset][name],
             )
         )
@@ -298,7 +294,7 @@ def write_study_report(
     )
     tables = {d: comparison_rows(results, d) for d in dict.fromkeys(r.dataset for r in results)}
     early = early_stopping_rows(results)
-    calibration = calibration_sections(results, Path(runs_root), out)
+    calibration = calibration_sections(results, out)
     _write_comparison_csv(tables, out / "comparison.csv")
     seeds = max(len(r.runs) for r in results)
     with atomic_path(out / "study.md") as tmp:

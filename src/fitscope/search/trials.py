@@ -89,9 +89,11 @@ def continue_orphans(study: Any) -> list[str]:
         if continue_trial(study, trial, "its sweeper process ended before the trial did"):
             names.append(trial_name(trial))
     trials = study.get_trials(deepcopy=False)
+    newest: dict[str, int] = {}  # each name's latest trial: an interrupted one's continuation
+    for t in trials:
+        newest[trial_name(t)] = max(t.number, newest.get(trial_name(t), -1))
     for trial in trials:
-        later = (t for t in trials if t.number > trial.number)
-        if _interrupted(trial) and not any(trial_name(t) == trial_name(trial) for t in later):
+        if _interrupted(trial) and newest[trial_name(trial)] == trial.number:
             study.enqueue_trial(dict(trial.params), user_attrs={NAME_ATTR: trial_name(trial)})
             names.append(trial_name(trial))
     return names

@@ -211,7 +211,6 @@ class ReportEpochs(pl.Callback):
 
     def __init__(self, report: Callable[[int, float], bool], monitor: str) -> None:
         self.report, self.monitor = report, monitor
-        self.stopped_at: int | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: FitModule) -> None:
         row = pl_module.epoch_metrics
@@ -219,7 +218,6 @@ class ReportEpochs(pl.Callback):
         if trainer.sanity_checking or value is None or not math.isfinite(value):
             return
         if self.report(int(row["epoch"]), float(value)):
-            self.stopped_at = int(row["epoch"])
             trainer.should_stop = True
 
 
