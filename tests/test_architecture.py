@@ -41,6 +41,7 @@ HEAVY = (
     "rich",
     "tqdm",
     "pandas",
+    "scipy",
     "grimp",
     "hydra_plugins",
 )

@@ -96,6 +96,7 @@ def test_full_pipeline_runs_every_stage(study_repo):
     assert sum(len(group) for group in variants.values()) == 13  # the repository's study
     ran = sorted(line.split("'")[1] for line in out.splitlines() if "Running stage" in line)
     assert ran == [
+        "diagnose",
         "evaluate@higgs",
         "evaluate@mnist",
         "fetch_higgs",
@@ -113,6 +114,34 @@ def test_full_pipeline_runs_every_stage(study_repo):
         for name in group:
             assert f"| {name} |" in report
             assert (repo / "runs" / dataset / name / "0" / "metrics.json").exists()
+    for title in ("Learning curve: training-set size", "Validation curves", "Early stopping"):
+        assert f"\n## {title}\n" in report
+    assert "\n## Calibration\n" in report
+
+
+def test_the_diagnostics_train_their_points_and_the_report_draws_them(study_repo):
+    import csv
+
+    repo, _ = study_repo
+    small = json.loads(
+        (
+            repo / "runs" / "diagnostics" / "higgs-large.train_size-500" / "0" / "metrics.json"
+        ).read_text()
+    )
+    assert small["train_rows"] == 500 and "mlflow_model_uri" not in small  # no model logged
+    with open(repo / "reports" / "diagnostics" / "higgs_train_size" / "higgs-large.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    # The four sizes of params.yaml and higgs-large's own run on all 8,984 rows.
+    assert [int(float(r["value"])) for r in rows] == [500, 1000, 2000, 4000, 8984]
+    assert all(0.3 < float(r["val_loss"]) < 1.5 and float(r["train_loss"]) > 0 for r in rows)
+    with open(repo / "reports" / "diagnostics" / "higgs_l2" / "higgs-l2.csv") as fh:
+        assert [float(r["value"]) for r in csv.DictReader(fh)] == [0.0, 0.001, 0.01]  # 0: origin
+    assert (repo / "reports" / "figures" / "mnist_train_size.png").stat().st_size > 10_000
+    client = get_client(f"sqlite:///{repo / 'mlflow.db'}")
+    run_id = small.get("mlflow_run_id")
+    parent = client.get_run(run_id).data.tags["mlflow.parentRunId"]
+    files = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/study.md", "report/higgs_train_size.png"} <= files
 
 
 def test_report_numbers_match_metrics_files_and_mlflow(study_repo):

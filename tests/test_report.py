@@ -112,9 +112,11 @@ def test_val_rise_with_train_also_rising_is_not_overfitting():
     assert verdict(hist, best_val_in_dataset=0.55) == "good fit"
 
 
-def _fake_run(root, name, seed, best_val, run_id=None):
-    d = root / "runs" / name.split("-")[0] / name / str(seed)  # runs/<dataset>/<variant>
+def _fake_run(root, name, seed, best_val, run_id=None, *, run_dir=None, width=16):
+    d = run_dir or root / "runs" / name.split("-")[0] / name / str(seed)  # runs/<dataset>/<variant>
     d.mkdir(parents=True)
+    (d / ".hydra").mkdir()
+    (d / ".hydra" / "config.yaml").write_text(f"model:\n  width: {width}\n")
     hist = curve(train=[0.7, 0.5, 0.4], val=[0.7, best_val, best_val + 0.05])
     with open(d / "history.csv", "w", newline="") as fh:
         w = csv.DictWriter(
@@ -153,7 +155,9 @@ def _fake_run(root, name, seed, best_val, run_id=None):
                 "test_loss": best_val + 0.01,
                 "test_ece": 0.05,
                 "last_epoch_test_loss": best_val + 0.03,
-                "mlflow_run_id": run_id or f"run-{name}-{seed}",
+                "train_eval_loss": 0.5,
+                "train_rows": 8984,
+                **({"mlflow_run_id": run_id or f"run-{name}-{seed}"} if run_dir is None else {}),
             }
         )
     )
@@ -188,7 +192,15 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
                 "higgs-b": {"study": "s1", "overrides": ""},
             }
         },
+        "diagnostics": {
+            "higgs": {"width": {"axis": "model.width", "variants": ["higgs-a"], "values": [4, 64]}}
+        },
     }
+    # The diagnostic's runs (stage diagnose): higgs-a at widths 4 and 64; its own is 16.
+    for width, vals in {4: (0.68, 0.70), 64: (0.63, 0.64)}.items():
+        for seed, v in enumerate(vals):
+            run_dir = tmp_path / "runs" / "diagnostics" / f"higgs-a.width-{width}" / str(seed)
+            _fake_run(tmp_path, "higgs-a", seed, v, run_dir=run_dir, width=width)
     parent_id, run_ids = _tracked_runs(["higgs-a", "higgs-b"], 2)
     tests = {}
     for name, vals in {"higgs-a": (0.60, 0.62), "higgs-b": (0.65, 0.65)}.items():
@@ -213,15 +225,31 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
     assert f"{run_ids['higgs-a', 0]}, {run_ids['higgs-a', 1]}" in text
     # What early stopping bought: selected vs last epoch on test, and the patience replay
     # (3 epochs: no patience of 10 or more runs out before the history ends).
+    # Seeds: per-seed verdict counts, the figures' bands, every seed's curve for dvc plots.
+    assert "(2/2 seeds)" in text.split("| higgs-a |")[1].splitlines()[0]
+    assert (tmp_path / "reports" / "curves" / "seeds" / "higgs-b" / "1.csv").is_file()
+    # The validation curve over width: three points (4, 64 and higgs-a's own 16), a figure,
+    # a sentence, and a file for dvc plots with every seed's values.
+    curves = text.split("## Validation curves")[1].split("## Early stopping")[0]
+    assert "### higgs_width" in curves and "![higgs_width](figures/higgs_width.png)" in curves
+    assert "| higgs-a | 4 | 0.6900 ± 0.0141 | 0.5000 ± 0.0000 |" in curves
+    assert "| higgs-a | 16 | 0.6100 ± 0.0141 |" in curves
+    assert "- **higgs-a**: best at model.width = 16 (validation loss 0.6100)" in curves
+    assert (tmp_path / "reports" / "figures" / "higgs_width.png").stat().st_size > 10_000
+    with open(tmp_path / "reports" / "diagnostics" / "higgs_width" / "higgs-a.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["value"] for r in rows] == ["4", "16", "64"] and rows[2]["val_loss_seed1"] == "0.64"
+    assert "Validation curves" in (tmp_path / "reports" / "study.html").read_text()
     early = text.split("## Early stopping")[1].split("## Learning curves")[0]
     assert "| higgs-a | 1 | 2 | 0.6200 | 0.6400 | 1 (0.6000, run ended first) |" in early
     assert "What early stopping bought" in early
     assert "Early stopping" in (tmp_path / "reports" / "study.html").read_text()
     # Calibration: ECE per variant, the reliability diagram with ROC and PR, dvc plots files.
     calibration = text.split("## Calibration")[1].split("## Learning curves")[0]
-    assert "| higgs-a | 0.0500 |" in calibration and "reliability diagram" in calibration
+    assert "| higgs-a | 0.0500 ± 0.0000 |" in calibration and "reliability diagram" in calibration
+    assert (tmp_path / "reports" / "roc" / "seeds" / "higgs-a" / "1.csv").is_file()
     assert (tmp_path / "reports" / "figures" / "calibration_higgs.png").stat().st_size > 10_000
-    assert "![calibration higgs](figures/calibration_higgs.png)" in calibration
+    assert "![HIGGS](figures/calibration_higgs.png)" in calibration
     with open(tmp_path / "reports" / "calibration" / "higgs-a.csv") as fh:
         assert next(csv.reader(fh)) == ["bin_low", "bin_high", "confidence", "accuracy", "count"]
     assert (tmp_path / "reports" / "roc" / "higgs-b.csv").read_text().startswith("fpr,tpr")
@@ -242,7 +270,8 @@ def test_report_has_a_row_per_variant_with_mean_and_std(tmp_path, mlflow_uri):
     parent = client.get_run(parent_id)
     assert "| higgs-a | 481 | 0.6100 ± 0.0141 |" in parent.data.tags["mlflow.note.content"]
     files = {a.path for a in client.list_artifacts(parent_id, "report")}
-    assert files == {f"report/{f}" for f in ("study.md", "study.html", "comparison.csv", "s1.png")}
+    shown = ("study.md", "study.html", "comparison.csv", "s1.png", "calibration_higgs.png")
+    assert files == {f"report/{f}" for f in shown}
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):

@@ -21,6 +21,7 @@ from base64 import b64encode
 import pytest
 from conftest import job_metrics, make_repo_copy, nested_finished_children, run, runs_of, sweep
 
+from fitscope.pipeline.diagnostics import drop_diagnostics
 from fitscope.search.storage import STACK_STORAGE_ENV, describe
 from fitscope.stack.control import (
     configure_dvc_remote,
@@ -173,6 +174,7 @@ def _debug_study(repo) -> None:
     params["study"]["profile"] = "debug"
     params["variants"] = {"higgs": {VARIANT: params["variants"]["higgs"][VARIANT]}}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+    drop_diagnostics(repo)  # they train variants this copy no longer has
 
 
 def _clone(team_stack, dest):

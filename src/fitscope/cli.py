@@ -24,6 +24,7 @@ COMMANDS = {
     "synth-higgs": "fitscope.data.commands:cmd_synth_higgs",
     "train": "fitscope.pipeline.commands:cmd_train",
     "search": "fitscope.pipeline.commands:cmd_search",
+    "diagnose": "fitscope.pipeline.commands:cmd_diagnose",
     "evaluate": "fitscope.results.commands:cmd_evaluate",
     "report": "fitscope.report.commands:cmd_report",
     "summary": "fitscope.report.commands:cmd_summary",
@@ -84,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a dataset under params.yaml's variants, or one variant (default: from DVC_STAGE)",
     )
     train.set_defaults(command_key="train")
+
+    diagnose = sub.add_parser(
+        "diagnose",
+        help="train the diagnostics of params.yaml: the runs behind the learning and "
+        "validation curves (DVC diagnose stage)",
+    )
+    diagnose.add_argument(
+        "dataset", nargs="?", help="only this dataset's (default: every dataset's)"
+    )
+    diagnose.set_defaults(command_key="diagnose")
 
     search = sub.add_parser("search", help="run the params.yaml search with one sampler")
     search.add_argument("sampler", choices=["random", "tpe"])

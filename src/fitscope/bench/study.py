@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from fitscope.data.splits import read_manifest
+from fitscope.pipeline.diagnostics import drop_diagnostics
 from fitscope.pipeline.schedule import run_epoch_flop
 
 
@@ -51,6 +52,7 @@ def time_study(
                 d: dict([next(iter(v.items()))]) for d, v in values["variants"].items()
             }
             params.write_text(yaml.safe_dump(values, sort_keys=False))
+            drop_diagnostics(copy)  # they train variants this copy no longer has
         git = ["git", "-c", "user.email=bench@fitscope.invalid", "-c", "user.name=bench"]
         for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "s"]):
             subprocess.run(cmd, cwd=copy, check=True, capture_output=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from fitscope.core.checks import check_name
 from fitscope.core.errors import FitscopeError
+from fitscope.pipeline.diagnostics import RUNS_DIR, diagnose_jobs
 from fitscope.pipeline.sweeps import parse_overrides, usage_error
 from fitscope.pipeline.variants import jobs_at_once, params_section, variant_specs
 from fitscope.training.threads import AUTO
@@ -22,9 +23,16 @@ from fitscope.training.threads import AUTO
 log = logging.getLogger(__name__)
 
 
-def _variant_job(params: dict[str, Any], name: str, spec: dict[str, Any]) -> list[str]:
+def _variant_job(
+    params: dict[str, Any],
+    name: str,
+    spec: dict[str, Any],
+    study: str | None = None,
+    run_name: str | None = None,
+) -> list[str]:
     """The overrides that make one job variant ``name`` (``variants.<dataset>.<name>``),
-    each parsed as Hydra will parse it: a bad one is named with its params.yaml key."""
+    each parsed as Hydra will parse it: a bad one is named with its params.yaml key.
+    ``study``, ``run_name``: another study and variant name for the job (a diagnostic's)."""
     from hydra.errors import OverrideParseException
 
     check_name("variant", name)
@@ -46,8 +54,8 @@ def _variant_job(params: dict[str, Any], name: str, spec: dict[str, Any]) -> lis
         )
     job = [
         *overrides,
-        f"study={params_section(params, 'variants', spec['dataset'], name, 'study')}",
-        f"variant={name}",
+        f"study={study or params_section(params, 'variants', spec['dataset'], name, 'study')}",
+        f"variant={run_name or name}",
     ]
     try:
         parse_overrides(job)
@@ -62,6 +70,39 @@ def _values(seeds: str) -> list[str]:
     if parsed.is_sweep_override():
         return list(parsed.sweep_string_iterator())
     return [str(parsed.value())]
+
+
+def _sweep(params: dict[str, Any], stage: str, jobs: list[list[str]], sweep_dir: str) -> list[str]:
+    """The overrides of a stage's sweep: profile, seeds, identity, directory, launcher."""
+    profile = params_section(params, "study", "profile")
+    seeds = str(params_section(params, "study", "seeds"))
+    at_once = jobs_at_once(
+        params_section(params, "study").get("jobs", AUTO),
+        len(jobs) * len(_values(seeds)),
+    )
+    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={at_once}"] if at_once > 1 else []
+    return [
+        f"+profile={profile}",
+        f"seed={seeds}",
+        *_identity(profile, stage_inputs(stage)),
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${variant}/${seed}",
+        *launcher,
+    ]
+
+
+def diagnose_sweep(
+    params: dict[str, Any], dataset: str | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """The Hydra overrides and jobs of DVC stage ``diagnose`` (fitscope.pipeline.diagnostics):
+    one sweep, like a train stage's, of every dataset's diagnostics (or ``dataset``'s)."""
+    specs = variant_specs(params)
+
+    def variant_job(variant: str, study: str, run_name: str) -> list[str]:
+        return _variant_job(params, variant, specs[variant], study, run_name)
+
+    jobs = diagnose_jobs(params, dataset, variant_job)
+    return (_sweep(params, "diagnose", jobs, str(RUNS_DIR)) if jobs else []), jobs
 
 
 def train_sweep(params: dict[str, Any], name: str) -> tuple[list[str], list[list[str]]]:
@@ -88,22 +129,7 @@ def train_sweep(params: dict[str, Any], name: str) -> tuple[list[str], list[list
     if not chosen:  # a sweep without jobs would train the default config instead
         raise FitscopeError(f"params.yaml's variants.{dataset} is empty. Fix: add a variant")
     jobs = [_variant_job(params, variant, specs[variant]) for variant in chosen]
-    profile = params_section(params, "study", "profile")
-    seeds = str(params_section(params, "study", "seeds"))
-    at_once = jobs_at_once(
-        params_section(params, "study").get("jobs", AUTO),
-        len(jobs) * len(_values(seeds)),
-    )
-    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={at_once}"] if at_once > 1 else []
-    overrides = [
-        f"+profile={profile}",
-        f"seed={seeds}",
-        *_identity(profile, stage_inputs(f"train@{dataset}")),
-        f"hydra.sweep.dir=runs/{dataset}",
-        "hydra.sweep.subdir=${variant}/${seed}",
-        *launcher,
-    ]
-    return overrides, jobs
+    return _sweep(params, f"train@{dataset}", jobs, f"runs/{dataset}"), jobs
 
 
 def _identity(profile: str, inputs: str | None) -> list[str]:

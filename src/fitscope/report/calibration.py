@@ -5,16 +5,18 @@ with each variant's expected calibration error; the seed-0 curves as CSV for
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
 from fitscope.core.fileio import read_float_csv, write_csv
+from fitscope.report.render import Block, Section
+from fitscope.results.bands import Band, mean_std
 from fitscope.results.figures import pyplot, save_png
 
 SENTENCE = (
-    "Calibration on the test split (seed 0): a calibrated model's points lie on the "
-    "diagonal of the reliability diagram; below it the model is over-confident, as over-fit "
+    "Calibration on the test split (with several seeds: the mean and a ± std band): a "
+    "calibrated model's points lie on the diagonal of the reliability diagram; below it "
+    "the model is over-confident, as over-fit "
     "networks tend to be, which accuracy and AUROC do not show. ECE is the mean gap between "
     "confidence and accuracy over 15 bins, weighted by their counts (torchmetrics). For a "
     "binary task: ROC and precision-recall curves beside it."
@@ -23,26 +25,67 @@ KINDS = ("calibration", "roc", "pr")
 DVC_PLOTS = ("calibration", "roc")  # reports/<kind>/<variant>.csv (dvc.yaml plots)
 
 
-def _seed0_curves(result: Any) -> dict[str, list[dict[str, float]]]:
-    run_dir = result.run_dirs[0]
-    files = {kind: run_dir / f"{kind}.csv" for kind in KINDS}
-    return {kind: read_float_csv(path) for kind, path in files.items() if path.is_file()}
+def _seed_curves(result: Any) -> dict[Path, dict[str, list[dict[str, float]]]]:
+    """Each seed's curve files by run directory (in seed order); a seed without them (an
+    older fitscope's run) is left out."""
+    found = {}
+    for run_dir in result.run_dirs:
+        files = {kind: run_dir / f"{kind}.csv" for kind in KINDS}
+        curves = {kind: read_float_csv(path) for kind, path in files.items() if path.is_file()}
+        if "calibration" in curves:
+            found[run_dir] = curves
+    return found
 
 
-def _figure(curves: dict[str, dict[str, list]], dataset: str, path: Path) -> Path:
+def _on_grid(seeds: list[list[dict[str, float]]], x: str, y: str) -> Band:
+    """Curves of each seed (ROC, PR) interpolated on 101 values of ``x``: their mean ±
+    std (one seed: its curve on the grid)."""
+    import numpy as np
+
+    grid = np.linspace(0.0, 1.0, 101)
+    ys = []
+    for rows in seeds:
+        points = sorted((p[x], p[y]) for p in rows)
+        ys.append(np.interp(grid, [p[0] for p in points], [p[1] for p in points]))
+    stacked = np.vstack(ys)
+    std = stacked.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros_like(grid)
+    return Band(list(grid), list(stacked.mean(axis=0)), list(std))
+
+
+def _reliability(seeds: list[list[dict[str, float]]]) -> tuple[Band, list[float]]:
+    """The reliability diagram over seeds: per bin (torchmetrics' fixed bins), the mean
+    confidence and the mean ± std accuracy of the seeds with a prediction in it."""
+    by_bin: dict[float, list[dict[str, float]]] = {}
+    for rows in seeds:
+        for row in rows:
+            by_bin.setdefault(row["bin_low"], []).append(row)
+    bins = [by_bin[b] for b in sorted(by_bin)]
+    accuracy = [mean_std([row["accuracy"] for row in rows]) for rows in bins]
+    confidence = [mean_std([row["confidence"] for row in rows])[0] for rows in bins]
+    return Band(confidence, [m for m, _ in accuracy], [s for _, s in accuracy]), confidence
+
+
+def _draw(ax, band: Band, style: str, label: str, **kwargs) -> None:
+    line = ax.plot(band.x, band.mean, style, label=label, **kwargs)[0]
+    if any(band.std):
+        ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.15, lw=0)
+
+
+def _figure(curves: dict[str, list[dict[str, list]]], dataset: str, path: Path) -> Path:
     plt = pyplot()
-    binary = any("roc" in c for c in curves.values())
+    binary = any("roc" in seeds[0] for seeds in curves.values())
     fig, axes = plt.subplots(1, 3 if binary else 1, figsize=(15 if binary else 5.5, 4.8))
     axes = list(axes) if binary else [axes]
     axes[0].plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
-    for name, c in curves.items():
-        bins = c["calibration"]
-        axes[0].plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", ms=3)
-        axes[0].lines[-1].set_label(name)
-        if binary and "roc" in c:
-            axes[1].plot([p["fpr"] for p in c["roc"]], [p["tpr"] for p in c["roc"]], lw=1)
-            axes[2].plot([p["recall"] for p in c["pr"]], [p["precision"] for p in c["pr"]], lw=1)
-    axes[0].set(xlabel="confidence", ylabel="accuracy", title=f"{dataset}: reliability")
+    for name, seeds in curves.items():
+        _draw(axes[0], _reliability([c["calibration"] for c in seeds])[0], "o-", name, ms=3)
+        if binary and all("roc" in c and "pr" in c for c in seeds):
+            _draw(axes[1], _on_grid([c["roc"] for c in seeds], "fpr", "tpr"), "-", name, lw=1)
+            pr = _on_grid([c["pr"] for c in seeds], "recall", "precision")
+            _draw(axes[2], pr, "-", name, lw=1)
+    seeds = max(len(s) for s in curves.values())
+    band = f", mean ± std of {seeds} seeds" if seeds > 1 else ""
+    axes[0].set(xlabel="confidence", ylabel="accuracy", title=f"{dataset}: reliability{band}")
     axes[0].legend(fontsize=7)
     if binary:
         axes[1].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
@@ -53,21 +96,33 @@ def _figure(curves: dict[str, dict[str, list]], dataset: str, path: Path) -> Pat
     return path
 
 
-def calibration_sections(results: list[Any], out: Path) -> dict[str, Any]:
-    """Per dataset: its figure (None without curves: runs of an older fitscope) and a row
-    per variant (ECE over seeds, the seed-0 curve files written for `dvc plots`)."""
-    sections: dict[str, Any] = {}
+def _write_plot_files(name: str, seeds: dict[Path, dict[str, list]], out: Path) -> None:
+    """``reports/<kind>/<variant>.csv``: the first seed's curve; with several seeds also
+    ``reports/<kind>/seeds/<variant>/<seed>.csv`` for each (the dvc plots draw them all)."""
+    for kind in DVC_PLOTS:
+        named = {out / kind / f"{name}.csv": next(iter(seeds.values())).get(kind)}
+        if len(seeds) > 1:
+            named |= {
+                out / kind / "seeds" / name / f"{d.name}.csv": c.get(kind) for d, c in seeds.items()
+            }
+        for path, rows in named.items():
+            if rows:
+                write_csv(path, [list(rows[0]), *(list(row.values()) for row in rows)])
+
+
+def calibration_section(results: list[Any], out: Path) -> Section:
+    """The "Calibration" section: per dataset its figure (none without curves: runs of an
+    older fitscope) and a row per variant (ECE over seeds); the curve files are written
+    for `dvc plots`."""
+    blocks = []
     for kind in DVC_PLOTS:  # DVC outputs: there even when nothing fills them
         (out / kind).mkdir(parents=True, exist_ok=True)
     for dataset in dict.fromkeys(r.dataset for r in results):
         group = [r for r in results if r.dataset == dataset]
-        curves = {r.name: c for r in group if "calibration" in (c := _seed0_curves(r))}
-        for name, c in curves.items():
-            for kind in DVC_PLOTS:
-                if kind in c:
-                    rows = c[kind]
-                    lines = [list(rows[0]), *(list(row.values()) for row in rows)]
-                    write_csv(out / kind / f"{name}.csv", lines)
+        curves = {r.name: list(c.values()) for r in group if (c := _seed_curves(r))}
+        for r in group:
+            if seeds := _seed_curves(r):
+                _write_plot_files(r.name, seeds, out)
         figure = (
             _figure(curves, dataset, out / "figures" / f"calibration_{dataset}.png")
             if curves
@@ -76,8 +131,7 @@ def calibration_sections(results: list[Any], out: Path) -> dict[str, Any]:
         rows = []
         for r in group:
             ece = [run["test_ece"] for run in r.runs if "test_ece" in run]
-            rows.append(
-                {"variant": r.name, "ECE": f"{statistics.fmean(ece):.4f}" if ece else "n/a"}
-            )
-        sections[dataset] = {"figure": figure, "rows": rows}
-    return sections
+            cell = "{:.4f} ± {:.4f}".format(*mean_std(ece)) if len(ece) > 1 else "n/a"
+            rows.append({"variant": r.name, "ECE": f"{ece[0]:.4f}" if len(ece) == 1 else cell})
+        blocks.append(Block(dataset.upper(), rows, figure))
+    return Section("Calibration", SENTENCE, blocks)

@@ -7,13 +7,16 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from fitscope.report.render import Block, Section
 from fitscope.results.early_stopping import Replay, replays
+from fitscope.results.seeds import run_setting
 
 SENTENCE = (
     "What early stopping bought: the test loss of the restored (selected) epoch against the "
-    "weights of the last epoch trained, and, replayed from each run's validation loss, the "
-    "epoch that another patience would have selected, its validation loss and the epochs it "
-    "would have saved (>= where the run ended before that patience ran out)."
+    "weights of the last epoch trained, and, replayed from the first seed's history with its "
+    "own early-stopping settings (monitor, mode, min_delta), the epoch that another patience "
+    "would have selected, the monitored value there and the epochs it would have saved "
+    "(>= where the run ended before that patience ran out)."
 )
 
 
@@ -26,6 +29,24 @@ def _replay_cell(replay: Replay) -> str:
         return "n/a (no finite value)"
     saved = "run ended first" if replay.stopped_epoch is None else f"-{replay.epochs_saved} ep"
     return f"{replay.selected_epoch} ({replay.value:.4f}, {saved})"
+
+
+def early_stopping_section(results: list[Any]) -> Section:
+    """The "Early stopping" section: a table per dataset (``early_stopping_rows``)."""
+    tables = early_stopping_rows(results)
+    return Section(
+        "Early stopping", SENTENCE, [Block(d.upper(), rows) for d, rows in tables.items()]
+    )
+
+
+def _replays(result: Any) -> list[Replay]:
+    """Seed 0's replay, with the monitor, mode and min_delta its run's early stopping used
+    (its recorded config; a record without one: val/loss, min, 0)."""
+    run_dir, key = result.run_dirs[0], "callbacks.early_stopping"
+    monitor = run_setting(run_dir, f"{key}.monitor") or "val/loss"
+    mode = run_setting(run_dir, f"{key}.mode") or "min"
+    min_delta = run_setting(run_dir, f"{key}.min_delta") or 0.0
+    return replays(result.histories[0], monitor, mode, min_delta)
 
 
 def early_stopping_rows(results: list[Any]) -> dict[str, list[dict[str, str]]]:
@@ -41,6 +62,6 @@ def early_stopping_rows(results: list[Any]) -> dict[str, list[dict[str, str]]]:
             "test loss (selected)": _mean(selected),
             "test loss (last)": _mean(last),
         }
-        row |= {f"patience {x.patience}": _replay_cell(x) for x in replays(r.histories[0])}
+        row |= {f"patience {x.patience}": _replay_cell(x) for x in _replays(r)}
         tables.setdefault(r.dataset, []).append(row)
     return tables

@@ -5,11 +5,31 @@ from __future__ import annotations
 
 import base64
 import html
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from fitscope.report.calibration import SENTENCE as CALIBRATION
-from fitscope.report.early_stopping import SENTENCE as EARLY_STOPPING
 from fitscope.results.verdict import VERDICT_RULE
 from fitscope.tracking.store import where_to_look
+
+
+@dataclass
+class Block:
+    """A part of a section: a heading (a dataset, a diagnostic), a table, a figure and
+    plain sentences on what they show."""
+
+    title: str
+    rows: list[dict[str, str]] = field(default_factory=list)
+    figure: Path | None = None
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    """A section of the report: its title, one sentence on what it shows, its blocks."""
+
+    title: str
+    sentence: str
+    blocks: list[Block] = field(default_factory=list)
 
 
 def table_md(rows: list[dict[str, str]]) -> str:
@@ -28,14 +48,41 @@ def table_html(rows: list[dict[str, str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _section_md(section: Section) -> list[str]:
+    md = [f"## {section.title}\n", f"{section.sentence}\n"]
+    for block in section.blocks:
+        md.append(f"### {block.title}\n")
+        if block.rows:
+            md += [table_md(block.rows), ""]
+        if block.figure is not None:
+            md.append(f"![{block.title}](figures/{block.figure.name})\n")
+        md += [f"- {line}" for line in block.lines]
+        if block.lines:
+            md.append("")
+    return md
+
+
+def _section_html(section: Section) -> str:
+    parts = [f"<h2>{html.escape(section.title)}</h2><p>{html.escape(section.sentence)}</p>"]
+    for block in section.blocks:
+        parts.append(f"<h3>{html.escape(block.title)}</h3>")
+        if block.rows:
+            parts.append(table_html(block.rows))
+        if block.figure is not None:
+            parts.append(_image(block.figure, block.title))
+        if block.lines:
+            items = "".join(f"<li>{html.escape(x.replace('**', ''))}</li>" for x in block.lines)
+            parts.append(f"<ul>{items}</ul>")
+    return "".join(parts)
+
+
 def markdown(
     profile: str,
     seeds: int,
     tables: dict,
     figures: dict,
     champions: dict,
-    early: dict,
-    calibration: dict,
+    sections: list[Section],
 ) -> str:
     banner = (
         ""
@@ -48,7 +95,7 @@ def markdown(
         f"# fitscope study report ({profile} profile)\n",
         banner,
         f"Seeds per variant: {seeds}"
-        + (" (values are mean ± std)" if seeds > 1 else "")
+        + (" (values are mean ± std; figures draw the mean and a ± std band)" if seeds > 1 else "")
         + ". Validation = the split early stopping watches; test = the held-out split "
         "scored once, by the training job, with the restored weights. Val columns are at "
         "the selected epoch: the best one, whose weights were restored (HIGGS presets), "
@@ -60,14 +107,8 @@ def markdown(
     ]
     for dataset, rows in tables.items():
         md += [f"## {dataset.upper()}\n", table_md(rows), ""]
-    md += ["## Early stopping\n", f"{EARLY_STOPPING}\n"]
-    for dataset, rows in early.items():
-        md += [f"### {dataset.upper()}\n", table_md(rows), ""]
-    md += ["## Calibration\n", f"{CALIBRATION}\n"]
-    for dataset, section in calibration.items():
-        md += [f"### {dataset.upper()}\n", table_md(section["rows"]), ""]
-        if section["figure"] is not None:
-            md.append(f"![calibration {dataset}](figures/{section['figure'].name})\n")
+    for section in sections:
+        md += _section_md(section)
     md.append("## Learning curves\n")
     for study_name, png in figures.items():
         md += [f"### {study_name}\n", f"![{study_name}](figures/{png.name})\n"]
@@ -83,7 +124,7 @@ def _image(path, alt: str) -> str:
 
 
 def page_html(
-    profile: str, tables: dict, figures: dict, champions: dict, early: dict, calibration: dict
+    profile: str, tables: dict, figures: dict, champions: dict, sections: list[Section]
 ) -> str:
     figs_html = "".join(f"<h3>{html.escape(s)}</h3>{_image(p, s)}" for s, p in figures.items())
     tables_html = "".join(f"<h2>{d.upper()}</h2>{table_html(rows)}" for d, rows in tables.items())
@@ -102,14 +143,7 @@ def page_html(
         + demo
         + f"<p>Verdict rule: {html.escape(VERDICT_RULE.replace('**', ''))}</p>"
         + tables_html
-        + f"<h2>Early stopping</h2><p>{html.escape(EARLY_STOPPING)}</p>"
-        + "".join(f"<h3>{d.upper()}</h3>{table_html(rows)}" for d, rows in early.items())
-        + f"<h2>Calibration</h2><p>{html.escape(CALIBRATION)}</p>"
-        + "".join(
-            f"<h3>{d.upper()}</h3>{table_html(c['rows'])}"
-            + (_image(c["figure"], f"calibration {d}") if c["figure"] is not None else "")
-            for d, c in calibration.items()
-        )
+        + "".join(_section_html(section) for section in sections)
         + "<h2>Learning curves</h2>"
         + figs_html
         + f"<h2>Registered champions</h2><ul>{champs_html or '<li>none</li>'}</ul>"

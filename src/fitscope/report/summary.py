@@ -14,7 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fitscope.report.study import champion, comparison_rows, load_results, registry_alias
+from fitscope.report.record import champion, registry_alias
+from fitscope.report.study import comparison_rows, load_results
 from fitscope.tracking.store import where_to_look
 
 # The terminal shows these columns of the report's table (the report has them all).

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 def metrics_file_key(key: str) -> str:
     """The metrics.json name of an MLflow summary key: ``fit/best_epoch`` -> ``best_epoch``,
-    ``model/n_params`` -> ``n_params``, ``best/val/loss`` -> ``best_val_loss``."""
+    ``model/n_params`` -> ``n_params``, ``data/train_rows`` -> ``train_rows``,
+    ``best/val/loss`` -> ``best_val_loss``."""
     group, _, rest = key.partition("/")
-    return rest if group in ("fit", "model") else key.replace("/", "_")
+    return rest if group in ("fit", "model", "data") else key.replace("/", "_")
 
 
 # The per-seed keys of a run's metrics.json that this stage averages (train._fit writes them).

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fitscope.core.fileio import atomic_path
+from fitscope.results.bands import epoch_band
 
 
 def run_figure(hist: list[dict[str, float]], title: str, selected: int, path: Path) -> Path:
@@ -30,6 +31,20 @@ def curve_pair(ax, hist: list[dict[str, float]], key: str, color: str, label: st
     epochs = [h["epoch"] + 1 for h in hist]
     ax.plot(epochs, [h[f"train/{key}"] for h in hist], "--", color=color, label=f"{label}train")
     ax.plot(epochs, [h[f"val/{key}"] for h in hist], "-", color=color, label=f"{label}val")
+
+
+def band_pair(
+    ax, histories: list[list[dict[str, float]]], key: str, color: str, label: str
+) -> None:
+    """``curve_pair`` over seeds: the mean train (dashed) and validation (solid) curves with
+    a ± std band each; one seed is drawn as ``curve_pair`` draws it."""
+    if len(histories) == 1:
+        curve_pair(ax, histories[0], key, color, label)
+        return
+    for split, style in (("train", "--"), ("val", "-")):
+        band = epoch_band(histories, f"{split}/{key}")
+        ax.plot(band.x, band.mean, style, color=color, label=f"{label}{split}")
+        ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.15, lw=0)
 
 
 def pyplot() -> Any:

@@ -23,6 +23,18 @@ def seed_dirs(variant_dir: str | Path) -> list[Path]:
     return dirs
 
 
+def run_setting(run_dir: Path, key: str) -> Any:
+    """The value of config key ``key`` (dotted) that the run in ``run_dir`` composed, from
+    Hydra's ``.hydra/config.yaml`` there (plain YAML, read safely); None without it."""
+    import yaml
+
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    value: Any = yaml.safe_load(path.read_text()) if path.is_file() else None
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _seed_scores(run_dir: Path) -> dict[str, float]:
     path = run_dir / "metrics.json"
     try:

@@ -4,8 +4,18 @@ description for the MLflow UI.
 
 from __future__ import annotations
 
-# Variants drawn as the reference curve in another study's figure (the classic plots do).
-BASELINES = {"higgs_regularization": "higgs-large", "mnist_augment": "mnist-none"}
+import itertools
+import math
+import statistics
+
+# Each study's unregularized reference: drawn in its figure (the classic plots do), and
+# each other variant of the study is compared with it seed by seed (the report).
+BASELINES = {
+    "higgs_regularization": "higgs-large",
+    "mnist_weight_decay": "mnist-wd-none",
+    "mnist_dropout": "mnist-none",
+    "mnist_augment": "mnist-none",
+}
 OVERFIT_RISE = 0.02  # late validation loss 2% above its minimum
 DIVERGED_FACTOR = 2.0  # best validation loss over twice a constant predictor's
 VERDICT_RULE = (
@@ -13,6 +23,11 @@ VERDICT_RULE = (
     "predictor (one that ignores its input and predicts the training labels' class "
     "frequencies: 0.69 for balanced binary labels, 2.30 for ten balanced classes), so "
     "training made the model far worse than knowing nothing; otherwise "
+    "**double descent**: the validation loss, averaged over a sliding window of the same "
+    "length, first fell, then rose more than 4% above its lowest value so far and later fell "
+    "more than 2% below that minimum, each step by more than three times the noise of the "
+    "averaged curve (a second, lower descent: epoch-wise double descent, not overfitting); "
+    "otherwise "
     "**overfitting**: over the last epochs (10, or a tenth of the run if shorter) the mean "
     "validation loss is more than 2% above its minimum while the mean training loss is below "
     "its value at the best epoch (validation got worse as training got better); otherwise "
@@ -40,7 +55,9 @@ def verdict(
     val_best, train_best = history[best]["val/loss"], history[best]["train/loss"]
     if constant_val_loss is not None and val_best > DIVERGED_FACTOR * constant_val_loss:
         return "diverged"
-    window = history[-max(1, min(10, len(history) // 10)) :]
+    if double_descent(history):
+        return "double descent"
+    window = history[-_window(len(history)) :]
     if best < len(history) - 1:
         val_late = sum(r["val/loss"] for r in window) / len(window)
         train_late = sum(r["train/loss"] for r in window) / len(window)
@@ -49,6 +66,50 @@ def verdict(
     if (train_best if train_loss is None else train_loss) >= best_val_in_dataset:
         return "underfitting"
     return "good fit"
+
+
+def _window(epochs: int) -> int:
+    """Epochs averaged against noise: 10, or a tenth of the run if shorter."""
+    return max(1, min(10, epochs // 10))
+
+
+def double_descent(history: list[dict[str, float]]) -> bool:
+    """Whether the validation loss, averaged over the verdict's window, first fell, then
+    rose well above its lowest value so far and later fell well below it: by more than
+    ``2 * OVERFIT_RISE`` and ``OVERFIT_RISE`` of that minimum, each step (the first fall
+    too) by more than three times the noise of the averaged curve (estimated from the
+    epoch-to-epoch changes), so that a noisy curve that is still descending, or one spike,
+    is not mistaken for a second descent. Only full windows are compared."""
+    values = [r["val/loss"] for r in history]
+    width = _window(len(values))
+    if len(values) < width + 2:
+        return False
+    smooth = [
+        statistics.fmean(values[i - width + 1 : i + 1]) for i in range(width - 1, len(values))
+    ]
+    # The robust std of one epoch's value (median absolute change / 0.6745 / sqrt 2), and
+    # of a mean of ``width`` of them.
+    steps = [abs(b - a) for a, b in itertools.pairwise(values)]
+    margin = 3 * statistics.median(steps) / 0.6745 / math.sqrt(2) / math.sqrt(width)
+    later_low = list(itertools.accumulate(reversed(smooth), min))[::-1]  # min of smooth[i:]
+    lowest = smooth[0]
+    for i, value in enumerate(smooth):
+        fell = smooth[0] - lowest > margin
+        rose = value - lowest > max(2 * OVERFIT_RISE * lowest, margin)
+        if fell and rose and lowest - later_low[i] > max(OVERFIT_RISE * lowest, margin):
+            return True
+        lowest = min(lowest, value)
+    return False
+
+
+def seed_count(verdicts: list[str]) -> str:
+    """The verdicts of a variant's seeds with their counts: ``overfitting (3/3 seeds)``,
+    ``good fit (2/3 seeds), overfitting (1/3 seeds)``; one seed: its verdict alone."""
+    if len(verdicts) == 1:
+        return verdicts[0]
+    counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{v} ({n}/{len(verdicts)} seeds)" for v, n in ranked)
 
 
 def own_verdict(history: list[dict[str, float]], constant_val_loss: float | None = None) -> str:

@@ -56,6 +56,7 @@ class FitResult:
     curves: dict[str, list]  # the test split's reliability bins, ROC and PR (binary)
     constant_val_loss: float  # a constant predictor's val loss (results.verdict: diverged)
     threads_at_end: int  # torch threads when the fit ended (callbacks.ShareIdleCores)
+    train_rows: int  # rows (digits) it trained on: data.train_size, or the whole split
 
     @property
     def rows(self) -> list[dict[str, float]]:
@@ -82,6 +83,7 @@ class FitResult:
             "fit/wall_time_s": self.wall_s,
             "fit/constant_val_loss": self.constant_val_loss,
             "model/n_params": count_parameters(self.model),
+            "data/train_rows": self.train_rows,
             **{f"best/{k}": v for k, v in row.items() if k.startswith(("train/", "val/"))},
             "best/gap_loss": row["val/loss"] - row["train/loss"],
             **scores,
@@ -320,4 +322,5 @@ def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) ->
         scores=scores,
         constant_val_loss=constant_loss(train_split[1], dm.tensors["val"][1], cfg.data.num_classes),
         threads_at_end=torch.get_num_threads(),
+        train_rows=len(train_split[1]),
     )

@@ -1,0 +1,222 @@
+"""The report's "Learning curve: training-set size" and "Validation curves" sections, from
+the runs of stage diagnose (params.yaml diagnostics) and the variants' own runs: a figure
+and a table per diagnostic, one sentence per variant, CSVs for `dvc plots`
+(reports/diagnostics/<study>/<variant>.csv)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fitscope.core.fileio import read_float_csv, write_csv
+from fitscope.pipeline.diagnostics import RUNS_DIR, SIZE_AXIS, Diagnostic, diagnostics
+from fitscope.report.render import Block, Section
+from fitscope.results.bands import mean_std
+from fitscope.results.diagnostics import Point, best_point, curve_reading, size_reading, turns
+from fitscope.results.figures import pyplot, save_png
+from fitscope.results.seeds import run_setting, seed_dirs
+from fitscope.results.verdict import seed_count, verdict
+
+SIZE_TITLE = "Learning curve: training-set size"
+SIZE_SENTENCE = (
+    "Best validation loss (solid) and the selected model's training loss (dashed, eval "
+    "mode) against the number of training rows, mean and ± std band over seeds: a gap that "
+    "closes as rows are added means more data helps; both losses high and flat means the "
+    "model is capacity-bound."
+)
+CURVES_TITLE = "Validation curves"
+CURVES_SENTENCE = (
+    "Best validation loss (solid) and the selected model's training loss (dashed) against "
+    "model width and regularization strength, mean and ± std band over seeds: a star marks "
+    "the best value, a ring each value whose runs overfit (most seeds), a dotted line where "
+    "the curve turns to or from overfitting."
+)
+AXES = {  # how a figure draws an axis: its label and scale
+    "data.train_size": ("training rows", "log"),
+    "model.width": ("units per hidden layer", "log"),
+    "regularization.l2": ("L2 strength (0: none)", "symlog"),
+    "regularization.dropout": ("dropout rate", "linear"),
+}
+DVC_PLOTS_DIR = "diagnostics"  # reports/diagnostics: a report output and a dvc plot
+
+
+@dataclass
+class _Runs:
+    value: float
+    runs: list[dict[str, Any]]  # metrics.json of each seed
+    histories: list[list[dict[str, float]]]
+    diagnostic: bool = True  # trained by stage diagnose (else: a variant's own runs)
+
+
+def _read(value: float, dirs: list[Path]) -> _Runs:
+    return _Runs(
+        value,
+        [json.loads((d / "metrics.json").read_text()) for d in dirs],
+        [read_float_csv(d / "history.csv") for d in dirs],
+    )
+
+
+def _own_value(result: Any, axis: str) -> float | None:
+    """The variant's own value of ``axis``, from its run's composed config (Hydra's
+    .hydra/config.yaml); ``data.train_size: null`` is every row it trained on."""
+    value = run_setting(result.run_dirs[0], axis)
+    if value is None and axis == SIZE_AXIS:
+        value = result.runs[0].get("train_rows")
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _lines(diag: Diagnostic, by_name: dict[str, Any], runs_root: Path) -> dict[str, list[_Runs]]:
+    """Per variant of ``diag``: its runs at each value, own and origin included, by value."""
+    lines = {}
+    for variant in diag.variants:
+        own = by_name[variant]
+        points = [_read(v, seed_dirs(runs_root / diag.run_name(variant, v))) for v in diag.values]
+        if (value := _own_value(own, diag.axis)) is not None and value not in diag.values:
+            points.append(_Runs(value, own.runs, own.histories, diagnostic=False))
+        if diag.origin and 0 not in diag.values:
+            origin = by_name[diag.origin]
+            points.append(_Runs(0, origin.runs, origin.histories, diagnostic=False))
+        lines[variant] = sorted(points, key=lambda p: p.value)
+    return lines
+
+
+def _train_loss(run: dict[str, Any]) -> float:
+    """The selected model's training loss in eval mode (an older record: as logged)."""
+    loss = run.get("train_eval_loss")
+    return run["best_train_loss"] if loss is None else loss
+
+
+def _points(lines: dict[str, list[_Runs]], floor: float) -> dict[str, list[Point]]:
+    return {
+        variant: [
+            Point(
+                r.value,
+                [run["best_val_loss"] for run in r.runs],
+                [_train_loss(run) for run in r.runs],
+                [
+                    verdict(h, floor, run.get("train_eval_loss"), run.get("constant_val_loss"))
+                    for h, run in zip(r.histories, r.runs, strict=True)
+                ],
+            )
+            for r in runs
+        ]
+        for variant, runs in lines.items()
+    }
+
+
+def _band(ax, x: list[float], values: list[list[float]], style: str, color: str, label: str):
+    stats = [mean_std(v) for v in values]
+    means = [m for m, _ in stats]
+    ax.plot(x, means, style, marker="o", ms=3, color=color, label=label)
+    if any(len(v) > 1 for v in values):
+        ax.fill_between(
+            x, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.15, lw=0
+        )
+
+
+def _figure(diag: Diagnostic, points: dict[str, list[Point]], path: Path) -> Path:
+    plt = pyplot()
+    label, scale = AXES.get(diag.axis, (diag.axis, "linear"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (variant, line) in enumerate(points.items()):
+        x = [p.value for p in line]
+        _band(ax, x, [p.val for p in line], "-", f"C{i}", f"{variant} val")
+        _band(ax, x, [p.train for p in line], "--", f"C{i}", f"{variant} train")
+        best = best_point(line)
+        ax.plot([best.value], [best.val_mean], "*", ms=14, color=f"C{i}", mec="black")
+        over = [p for p in line if p.overfitting]
+        ax.plot([p.value for p in over], [p.val_mean for p in over], "o", ms=11, mfc="none",
+                mec="red", label="overfitting" if i == 0 and over else None)  # fmt: skip
+        for a, b in turns(line):
+            ax.axvline((a + b) / 2, color=f"C{i}", lw=0.8, ls=":")
+    if scale == "symlog":
+        positive = [p.value for line in points.values() for p in line if p.value > 0]
+        ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+    else:
+        ax.set_xscale(scale)
+    ax.set(xlabel=label, ylabel="loss", title=f"{diag.study}: validation (solid), train (dashed)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    save_png(fig, path)
+    return path
+
+
+def _write_plot_files(diag: Diagnostic, points: dict[str, list[Point]], out: Path) -> None:
+    """``reports/diagnostics/<study>/<variant>.csv``: a row per value, the means and stds
+    and every seed's values (columns ``val_loss_seed<i>``, in seed order)."""
+    for variant, line in points.items():
+        seeds = max(len(p.val) for p in line)
+        head = ["value", "val_loss", "train_loss", "val_loss_std", "train_loss_std"]
+        head += [f"{k}_seed{i}" for i in range(seeds) for k in ("val_loss", "train_loss")]
+        rows = []
+        for p in line:
+            (val, val_std), (train, train_std) = mean_std(p.val), mean_std(p.train)
+            per_seed = [x for pair in zip(p.val, p.train, strict=True) for x in pair]
+            rows.append([p.value, val, train, val_std, train_std, *per_seed])
+        write_csv(out / DVC_PLOTS_DIR / diag.study / f"{variant}.csv", [head, *rows])
+
+
+def _cell(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def _rows(points: dict[str, list[Point]]) -> list[dict[str, str]]:
+    return [
+        {
+            "variant": variant,
+            "value": f"{p.value:g}",
+            "best val loss": _cell(p.val),
+            "train loss": _cell(p.train),
+            "gap": f"{p.gap:.4f}",
+            "verdict": seed_count(p.verdicts),
+        }
+        for variant, line in points.items()
+        for p in line
+    ]
+
+
+@dataclass
+class DiagnosticReport:
+    sections: list[Section]  # the two sections (no blocks: params.yaml has no diagnostics)
+    figures: dict[str, Path]  # each diagnostic's figure, by study
+    run_ids: dict[str, list[str]]  # each diagnostic's MLflow runs, by study
+
+
+def diagnostic_report(
+    params: dict[str, Any], results: list[Any], runs_root: Path, out: Path
+) -> DiagnosticReport:
+    """The sections, figures and plot files of params.yaml's diagnostics."""
+    by_name = {r.name: r for r in results}
+    size = Section(SIZE_TITLE, SIZE_SENTENCE)
+    curves = Section(CURVES_TITLE, CURVES_SENTENCE)
+    figures, run_ids = {}, {}
+    (out / DVC_PLOTS_DIR).mkdir(parents=True, exist_ok=True)  # a DVC output: always there
+    for diag in diagnostics(params):
+        lines = _lines(diag, by_name, runs_root / RUNS_DIR.name)
+        floor = min(
+            min(row["val/loss"] for h in histories for row in h)
+            for histories in [
+                *(r.histories for r in results if r.dataset == diag.dataset),
+                *(p.histories for line in lines.values() for p in line),
+            ]
+        )
+        points = _points(lines, floor)
+        run_ids[diag.study] = [
+            run["mlflow_run_id"]
+            for line in lines.values()
+            for r in line
+            for run in r.runs
+            if r.diagnostic and run.get("mlflow_run_id")
+        ]
+        figures[diag.study] = _figure(diag, points, out / "figures" / f"{diag.study}.png")
+        _write_plot_files(diag, points, out)
+        if diag.axis == SIZE_AXIS:
+            readings = [f"**{v}**: {size_reading(line)}" for v, line in points.items()]
+            size.blocks.append(Block(diag.study, _rows(points), figures[diag.study], readings))
+        else:
+            readings = [f"**{v}**: {curve_reading(line, diag.axis)}" for v, line in points.items()]
+            curves.blocks.append(Block(diag.study, _rows(points), figures[diag.study], readings))
+    return DiagnosticReport([size, curves], figures, run_ids)
