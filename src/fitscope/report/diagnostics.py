@@ -6,6 +6,7 @@ and a table per diagnostic, one sentence per variant, CSVs for `dvc plots`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,9 @@ def _figure(diag: Diagnostic, points: dict[str, list[Point]], path: Path) -> Pat
         over = [p for p in line if p.overfitting]
         ax.plot([p.value for p in over], [p.val_mean for p in over], "o", ms=11, mfc="none",
                 mec="red", label="overfitting" if i == 0 and over else None)  # fmt: skip
-        for a, b in turns(line):
-            ax.axvline((a + b) / 2, color=f"C{i}", lw=0.8, ls=":")
+        for a, b in turns(line):  # halfway as the axis draws it: geometric on a log scale
+            middle = math.sqrt(a * b) if scale != "linear" and a > 0 else (a + b) / 2
+            ax.axvline(middle, color=f"C{i}", lw=0.8, ls=":")
     if scale == "symlog":
         positive = [p.value for line in points.values() for p in line if p.value > 0]
         ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
