@@ -217,3 +217,12 @@ def test_calibration_curves_are_averaged_over_seeds_on_a_common_grid():
     reliability, confidence = _reliability([seed0, seed1])
     assert confidence == pytest.approx([0.64, 0.95])
     assert reliability.mean == pytest.approx([0.65, 0.9]) and reliability.std[1] == 0.0
+
+
+def test_seed_directories_come_in_seed_order(tmp_path):
+    from fitscope.results.seeds import seed_dirs
+
+    for seed in ("10", "2", "0"):
+        (tmp_path / seed).mkdir()
+        (tmp_path / seed / "metrics.json").write_text("{}")
+    assert [d.name for d in seed_dirs(tmp_path)] == ["0", "2", "10"]  # not "10" before "2"

@@ -156,7 +156,8 @@ def _write_plot_files(diag: Diagnostic, points: dict[str, list[Point]], out: Pat
         for p in line:
             (val, val_std), (train, train_std) = mean_std(p.val), mean_std(p.train)
             per_seed = [x for pair in zip(p.val, p.train, strict=True) for x in pair]
-            rows.append([p.value, val, train, val_std, train_std, *per_seed])
+            blank = [""] * (2 * seeds - len(per_seed))  # a point with fewer seeds
+            rows.append([p.value, val, train, val_std, train_std, *per_seed, *blank])
         write_csv(out / DVC_PLOTS_DIR / diag.study / f"{variant}.csv", [head, *rows])
 
 

@@ -16,8 +16,12 @@ from fitscope.results.contract import SCORE_KEYS
 
 
 def seed_dirs(variant_dir: str | Path) -> list[Path]:
-    """The per-seed run directories of a variant (``runs/<dataset>/<variant>/<seed>``)."""
-    dirs = sorted(p.parent for p in Path(variant_dir).glob("*/metrics.json"))
+    """The per-seed run directories of a variant (``runs/<dataset>/<variant>/<seed>``), in
+    seed order (2 before 10)."""
+    dirs = sorted(
+        (p.parent for p in Path(variant_dir).glob("*/metrics.json")),
+        key=lambda d: (int(d.name), "") if d.name.isdigit() else (-1, d.name),
+    )
     if not dirs:
         raise FitscopeError(f"no trained runs in {variant_dir}. Fix: run `dvc repro` first")
     return dirs
