@@ -54,6 +54,13 @@ def test_plain_overfitting_and_a_noisy_descent_are_not_double_descent():
     descending = noisy([2.0 * math.exp(-i / 15) + 0.35 for i in range(60)], 0.05, seed=3)
     assert not double_descent(history(descending))
     assert not double_descent(history([0.7, 0.6]))  # too short to tell
+    # A long noisy descent that flattens (the classic mnist-augment: 301 epochs of SGD on
+    # 300 digits, 100 validation digits): over 40 noise draws none is a double descent
+    # (with the verdict's 10-epoch window instead of a tenth of the run, 7 of them were).
+    for seed in range(40):
+        rng = random.Random(seed)
+        flat = [0.45 + 1.8 * math.exp(-i / 40) + rng.gauss(0, 0.05) for i in range(301)]
+        assert not double_descent(history(flat)), seed
     # One spike early in a plain descent is neither a first minimum nor a second descent.
     spiked = [0.70 - 0.001 * i for i in range(100)]
     spiked[1] = 0.80
@@ -138,6 +145,7 @@ def params_with(diagnostic):
         ({"axis": "a", "variants": ["higgs-large"], "values": [8], "step": 2}, "unknown"),
         ({"axis": "model.width", "variants": ["higgs-large"], "values": []}, "non-empty"),
         ({"axis": "model.width", "variants": ["higgs-large"], "values": [8, 8]}, "repeats"),
+        ({"axis": "model.width", "variants": ["higgs-large"] * 2, "values": [8]}, "repeats a var"),
         ({"axis": "model.width", "variants": ["higgs-large"], "values": [".nan"]}, "holds"),
     ],
 )
@@ -168,22 +176,24 @@ def test_the_jobs_train_each_variant_again_at_each_value():
         return ["+experiment=x", "model.width=512", f"study={study}", f"variant={name}"]
 
     jobs = diagnose_jobs(params, "higgs", variant_job)
+    described = (
+        "study_description='HIGGS diagnostic d: higgs-large trained again at model.width = 8, "
+        "32 (params.yaml diagnostics); the study report draws the curve'"
+    )
     assert jobs == [
         [
             "+experiment=x",
             "study=higgs_d",
-            "variant=higgs-large.d-8",
-            "model.width=8",
+            f"variant=higgs-large.d-{width}",
+            f"model.width={width}",
+            described,
             "logger.log_model=false",
-        ],
-        [
-            "+experiment=x",
-            "study=higgs_d",
-            "variant=higgs-large.d-32",
-            "model.width=32",
-            "logger.log_model=false",
-        ],
+        ]
+        for width in (8, 32)
     ]
+    from fitscope.pipeline.sweeps import parse_overrides
+
+    assert parse_overrides(jobs[0])[4].value() == described.split("=", 1)[1].strip("'")
     with pytest.raises(FitscopeError, match=r"no diagnostics\.mnist"):
         diagnose_jobs(params, "mnist", variant_job)
 

@@ -142,6 +142,15 @@ def test_the_diagnostics_train_their_points_and_the_report_draws_them(study_repo
     parent = client.get_run(run_id).data.tags["mlflow.parentRunId"]
     files = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/study.md", "report/higgs_train_size.png"} <= files
+    # The report's answers on the diagnostic's runs: each point's verdict, the parent's table.
+    verdict = client.get_run(run_id).data.tags["fitscope.verdict"]
+    assert verdict in {"overfitting", "underfitting", "good fit", "double descent", "diverged"}
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note.startswith("Diagnostic **higgs_train_size** (debug profile)")
+    assert "| higgs-large | 500 |" in note
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.name == "higgs_train_size"
+    assert "diagnostic train_size" in experiment.tags["mlflow.note.content"]
 
 
 def test_report_numbers_match_metrics_files_and_mlflow(study_repo):

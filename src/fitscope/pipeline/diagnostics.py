@@ -43,6 +43,16 @@ class Diagnostic:
         """Its MLflow experiment (and the runs' ``study``): ``<dataset>_<name>``."""
         return f"{self.dataset}_{self.name}"
 
+    @property
+    def description(self) -> str:
+        """Its MLflow experiment's description (no quote: it travels as a Hydra override)."""
+        values = ", ".join(f"{v:g}" for v in self.values)
+        return (
+            f"{self.dataset.upper()} diagnostic {self.name}: {', '.join(self.variants)} trained "
+            f"again at {self.axis} = {values} (params.yaml diagnostics); the study report "
+            "draws the curve"
+        )
+
     def run_name(self, variant: str, value: float) -> str:
         """The job's variant name: ``higgs-large.train_size-500`` (a directory name)."""
         return f"{variant}.{self.name}-{value}"
@@ -76,6 +86,8 @@ def _diagnostic(dataset: str, name: str, spec: Any, specs: dict[str, dict[str, A
     variants, values, origin = spec["variants"], spec["values"], spec.get("origin")
     if not all(isinstance(x, list) and x for x in (variants, values)):
         raise FitscopeError(f"{where}: variants and values must be non-empty lists. Fix: [a, b]")
+    if len(set(map(str, variants))) < len(variants):
+        raise FitscopeError(f"{where}.variants repeats a variant. Fix: list each variant once")
     numbers = [_value(where, v) for v in values]
     if len(set(numbers)) < len(numbers):
         raise FitscopeError(f"{where}.values repeats a value. Fix: list each value once")
@@ -151,7 +163,14 @@ def diagnose_jobs(params: dict[str, Any], dataset: str | None, variant_job) -> l
             for value in diag.values:
                 job = variant_job(variant, diag.study, diag.run_name(variant, value))
                 job = [o for o in job if o.split("=", 1)[0].lstrip("+~") != diag.axis]
-                jobs.append([*job, f"{diag.axis}={value}", "logger.log_model=false"])
+                jobs.append(
+                    [
+                        *job,
+                        f"{diag.axis}={value}",
+                        f"study_description='{diag.description}'",
+                        "logger.log_model=false",
+                    ]
+                )
     if not jobs and dataset is not None:
         raise FitscopeError(f"params.yaml has no diagnostics.{dataset}. Fix: add one")
     return jobs

@@ -45,7 +45,10 @@ def _on_grid(seeds: list[list[dict[str, float]]], x: str, y: str) -> Band:
     grid = np.linspace(0.0, 1.0, 101)
     ys = []
     for rows in seeds:
-        points = sorted((p[x], p[y]) for p in rows)
+        # In the curve's own order along x (torchmetrics gives recall falling), then a
+        # stable sort: a vertical step keeps its direction where x repeats.
+        ordered = rows[::-1] if rows and rows[0][x] > rows[-1][x] else rows
+        points = sorted(((p[x], p[y]) for p in ordered), key=lambda p: p[0])
         ys.append(np.interp(grid, [p[0] for p in points], [p[1] for p in points]))
     stacked = np.vstack(ys)
     std = stacked.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros_like(grid)

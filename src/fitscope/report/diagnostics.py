@@ -18,7 +18,7 @@ from fitscope.results.bands import mean_std
 from fitscope.results.diagnostics import Point, best_point, curve_reading, size_reading, turns
 from fitscope.results.figures import pyplot, save_png
 from fitscope.results.seeds import run_setting, seed_dirs
-from fitscope.results.verdict import seed_count, verdict
+from fitscope.results.verdict import dataset_floor, seed_count, seed_train_loss, verdict
 
 SIZE_TITLE = "Learning curve: training-set size"
 SIZE_SENTENCE = (
@@ -48,6 +48,7 @@ class _Runs:
     value: float
     runs: list[dict[str, Any]]  # metrics.json of each seed
     histories: list[list[dict[str, float]]]
+    seeds: list[str]  # each run's seed (its directory's name)
     diagnostic: bool = True  # trained by stage diagnose (else: a variant's own runs)
 
 
@@ -56,7 +57,13 @@ def _read(value: float, dirs: list[Path]) -> _Runs:
         value,
         [json.loads((d / "metrics.json").read_text()) for d in dirs],
         [read_float_csv(d / "history.csv") for d in dirs],
+        [d.name for d in dirs],
     )
+
+
+def _own_runs(value: float, result: Any) -> _Runs:
+    seeds = [d.name for d in result.run_dirs]
+    return _Runs(value, result.runs, result.histories, seeds, diagnostic=False)
 
 
 def _own_value(result: Any, axis: str) -> float | None:
@@ -75,17 +82,17 @@ def _lines(diag: Diagnostic, by_name: dict[str, Any], runs_root: Path) -> dict[s
         own = by_name[variant]
         points = [_read(v, seed_dirs(runs_root / diag.run_name(variant, v))) for v in diag.values]
         if (value := _own_value(own, diag.axis)) is not None and value not in diag.values:
-            points.append(_Runs(value, own.runs, own.histories, diagnostic=False))
+            points.append(_own_runs(value, own))
         if diag.origin and 0 not in diag.values:
             origin = by_name[diag.origin]
-            points.append(_Runs(0, origin.runs, origin.histories, diagnostic=False))
+            points.append(_own_runs(0, origin))
         lines[variant] = sorted(points, key=lambda p: p.value)
     return lines
 
 
 def _train_loss(run: dict[str, Any]) -> float:
-    """The selected model's training loss in eval mode (an older record: as logged)."""
-    loss = run.get("train_eval_loss")
+    """The selected model's training loss, in eval mode (an older record: as logged)."""
+    loss = seed_train_loss(run)
     return run["best_train_loss"] if loss is None else loss
 
 
@@ -97,9 +104,10 @@ def _points(lines: dict[str, list[_Runs]], floor: float) -> dict[str, list[Point
                 [run["best_val_loss"] for run in r.runs],
                 [_train_loss(run) for run in r.runs],
                 [
-                    verdict(h, floor, run.get("train_eval_loss"), run.get("constant_val_loss"))
+                    verdict(h, floor, seed_train_loss(run), run.get("constant_val_loss"))
                     for h, run in zip(r.histories, r.runs, strict=True)
                 ],
+                r.seeds,
             )
             for r in runs
         ]
@@ -147,17 +155,18 @@ def _figure(diag: Diagnostic, points: dict[str, list[Point]], path: Path) -> Pat
 
 def _write_plot_files(diag: Diagnostic, points: dict[str, list[Point]], out: Path) -> None:
     """``reports/diagnostics/<study>/<variant>.csv``: a row per value, the means and stds
-    and every seed's values (columns ``val_loss_seed<i>``, in seed order)."""
+    and every seed's values (columns ``val_loss_seed<seed>``; blank where a value has no
+    run of that seed)."""
     for variant, line in points.items():
-        seeds = max(len(p.val) for p in line)
+        seeds = sorted({s for p in line for s in p.seeds}, key=lambda s: (len(s), s))
         head = ["value", "val_loss", "train_loss", "val_loss_std", "train_loss_std"]
-        head += [f"{k}_seed{i}" for i in range(seeds) for k in ("val_loss", "train_loss")]
+        head += [f"{k}_seed{s}" for s in seeds for k in ("val_loss", "train_loss")]
         rows = []
         for p in line:
             (val, val_std), (train, train_std) = mean_std(p.val), mean_std(p.train)
-            per_seed = [x for pair in zip(p.val, p.train, strict=True) for x in pair]
-            blank = [""] * (2 * seeds - len(per_seed))  # a point with fewer seeds
-            rows.append([p.value, val, train, val_std, train_std, *per_seed, *blank])
+            by_seed = {s: (v, t) for s, v, t in zip(p.seeds, p.val, p.train, strict=True)}
+            per_seed = [x for s in seeds for x in by_seed.get(s, ("", ""))]
+            rows.append([p.value, val, train, val_std, train_std, *per_seed])
         write_csv(out / DVC_PLOTS_DIR / diag.study / f"{variant}.csv", [head, *rows])
 
 
@@ -184,8 +193,19 @@ def _rows(points: dict[str, list[Point]]) -> list[dict[str, str]]:
 @dataclass
 class DiagnosticReport:
     sections: list[Section]  # the two sections (no blocks: params.yaml has no diagnostics)
-    figures: dict[str, Path]  # each diagnostic's figure, by study
-    run_ids: dict[str, list[str]]  # each diagnostic's MLflow runs, by study
+    blocks: dict[str, Block]  # each diagnostic's block (table, figure, readings), by study
+    verdicts: dict[str, dict[str, str]]  # each diagnostic's MLflow runs' verdicts, by study
+
+
+def _verdicts(lines: dict[str, list[_Runs]], points: dict[str, list[Point]]) -> dict[str, str]:
+    """The verdict of each MLflow run the diagnostic trained, by run id."""
+    found = {}
+    for variant, runs in lines.items():
+        for r, p in zip(runs, points[variant], strict=True):
+            for run, run_verdict in zip(r.runs, p.verdicts, strict=True):
+                if r.diagnostic and run.get("mlflow_run_id"):
+                    found[run["mlflow_run_id"]] = run_verdict
+    return found
 
 
 def diagnostic_report(
@@ -195,31 +215,19 @@ def diagnostic_report(
     by_name = {r.name: r for r in results}
     size = Section(SIZE_TITLE, SIZE_SENTENCE)
     curves = Section(CURVES_TITLE, CURVES_SENTENCE)
-    figures, run_ids = {}, {}
+    blocks, verdicts = {}, {}
     (out / DVC_PLOTS_DIR).mkdir(parents=True, exist_ok=True)  # a DVC output: always there
     for diag in diagnostics(params):
         lines = _lines(diag, by_name, runs_root / RUNS_DIR.name)
-        floor = min(
-            min(row["val/loss"] for h in histories for row in h)
-            for histories in [
-                *(r.histories for r in results if r.dataset == diag.dataset),
-                *(p.histories for line in lines.values() for p in line),
-            ]
-        )
-        points = _points(lines, floor)
-        run_ids[diag.study] = [
-            run["mlflow_run_id"]
-            for line in lines.values()
-            for r in line
-            for run in r.runs
-            if r.diagnostic and run.get("mlflow_run_id")
-        ]
-        figures[diag.study] = _figure(diag, points, out / "figures" / f"{diag.study}.png")
+        points = _points(lines, dataset_floor(results, diag.dataset))
+        verdicts[diag.study] = _verdicts(lines, points)
+        figure = _figure(diag, points, out / "figures" / f"{diag.study}.png")
         _write_plot_files(diag, points, out)
-        if diag.axis == SIZE_AXIS:
-            readings = [f"**{v}**: {size_reading(line)}" for v, line in points.items()]
-            size.blocks.append(Block(diag.study, _rows(points), figures[diag.study], readings))
-        else:
-            readings = [f"**{v}**: {curve_reading(line, diag.axis)}" for v, line in points.items()]
-            curves.blocks.append(Block(diag.study, _rows(points), figures[diag.study], readings))
-    return DiagnosticReport([size, curves], figures, run_ids)
+        sized = diag.axis == SIZE_AXIS
+        readings = [
+            f"**{v}**: {size_reading(line) if sized else curve_reading(line, diag.axis)}"
+            for v, line in points.items()
+        ]
+        blocks[diag.study] = Block(diag.study, _rows(points), figure, readings)
+        (size if sized else curves).blocks.append(blocks[diag.study])
+    return DiagnosticReport([size, curves], blocks, verdicts)

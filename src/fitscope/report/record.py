@@ -132,16 +132,20 @@ def annotate_mlflow_runs(
                 tracker.log_artifact(path, "report")
 
 
-def log_to_parents(run_ids: dict[str, list[str]], files: dict[str, list[Path]]) -> None:
-    """Log ``files[study]`` to the MLflow parent run(s) of each study's runs ``run_ids``
-    (the diagnostics' studies, whose runs are not variants of the comparison table)."""
+def annotate_diagnostics(
+    verdicts: dict[str, dict[str, str]], notes: dict[str, str], files: dict[str, list[Path]]
+) -> None:
+    """The diagnostics' studies in MLflow: each run gets its verdict (``fitscope.verdict``),
+    each parent run ``notes[study]`` as its description and ``files[study]``."""
     client = None
-    for study, ids in run_ids.items():
+    for study, by_run in verdicts.items():
         parent_ids = set()
-        for run_id in ids:
+        for run_id, run_verdict in by_run.items():
             client = client or get_client()
+            RunTracker(client, run_id).set_tags({"fitscope.verdict": run_verdict})
             parent_ids.add(client.get_run(run_id).data.tags.get("mlflow.parentRunId"))
         for parent_id in parent_ids - {None}:
             tracker = RunTracker(client, parent_id)
+            tracker.set_tags({NOTE_TAG: notes[study]})
             for path in files[study]:
                 tracker.log_artifact(path, "report")

@@ -15,11 +15,11 @@ from fitscope.report.baselines import baseline_section
 from fitscope.report.calibration import calibration_section
 from fitscope.report.diagnostics import diagnostic_report
 from fitscope.report.early_stopping import early_stopping_section
-from fitscope.report.record import annotate_mlflow_runs, log_to_parents, register_champions
-from fitscope.report.render import markdown, page_html
+from fitscope.report.record import annotate_diagnostics, annotate_mlflow_runs, register_champions
+from fitscope.report.render import markdown, page_html, table_md
 from fitscope.results.figures import band_pair, pyplot, save_png
 from fitscope.results.seeds import seed_dirs
-from fitscope.results.verdict import BASELINES, seed_count, verdict
+from fitscope.results.verdict import BASELINES, dataset_floor, seed_count, seed_train_loss, verdict
 from fitscope.tracking.registry import PromotionRule
 
 
@@ -68,14 +68,12 @@ def load_results(params: dict[str, Any], runs_root: Path, metrics_dir: Path) -> 
         )
     if not results:
         raise FitscopeError("params.yaml lists no variants. Fix: add some under `variants:`")
-    for dataset in {r.dataset for r in results}:
-        group = [r for r in results if r.dataset == dataset]
-        floor = min(min(h["val/loss"] for h in hist) for r in group for hist in r.histories)
-        for r in group:
-            r.verdicts = [
-                verdict(hist, floor, r.test.get("train_eval_loss"), run.get("constant_val_loss"))
-                for hist, run in zip(r.histories, r.runs, strict=True)
-            ]
+    for r in results:  # each seed judged on its own (its eval-mode training loss)
+        floor = dataset_floor(results, r.dataset)
+        r.verdicts = [
+            verdict(hist, floor, seed_train_loss(run, r.test), run.get("constant_val_loss"))
+            for hist, run in zip(r.histories, r.runs, strict=True)
+        ]
     return results
 
 
@@ -201,6 +199,13 @@ def write_study_report(
         tmp.write_text(markdown(profile, seeds, tables, figures, champions, sections))
     with atomic_path(out / "study.html") as tmp:
         tmp.write_text(page_html(profile, tables, figures, champions, sections))
+    _record(results, profile, tables, figures, calibration, diagnosed, out)
+    return out / "study.md"
+
+
+def _record(results, profile, tables, figures, calibration, diagnosed, out: Path) -> None:
+    """The report's answers on the MLflow runs: each study's files go to its parents (the
+    dataset's calibration figure too), each diagnostic's table and figure to its own."""
     shared = [out / "study.md", out / "study.html", out / "comparison.csv"]
     calibration_pngs = {b.title.lower(): b.figure for b in calibration.blocks if b.figure}
     annotate_mlflow_runs(
@@ -212,8 +217,15 @@ def write_study_report(
             for s, png in figures.items()
         },
     )
-    log_to_parents(diagnosed.run_ids, {s: [*shared, png] for s, png in diagnosed.figures.items()})
-    return out / "study.md"
+    annotate_diagnostics(
+        diagnosed.verdicts,
+        {
+            s: f"Diagnostic **{s}** ({profile} profile): each point's best val loss and train "
+            f"loss; `study.md` / `study.html` in the artifacts.\n\n{table_md(b.rows)}"
+            for s, b in diagnosed.blocks.items()
+        },
+        {s: [*shared, b.figure] for s, b in diagnosed.blocks.items()},
+    )
 
 
 def _dataset(results: list[VariantResult], study: str) -> str:

@@ -4,7 +4,7 @@ and the best point and the turns to overfitting of a validation curve."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fitscope.results.bands import mean_std
 
@@ -20,6 +20,7 @@ class Point:
     val: list[float]  # best validation loss of each seed
     train: list[float]  # training loss of each seed's selected model (eval mode)
     verdicts: list[str]
+    seeds: list[str] = field(default_factory=list)  # each value's seed, in order
 
     @property
     def val_mean(self) -> float:
