@@ -236,3 +236,25 @@ def test_seed_directories_come_in_seed_order(tmp_path):
         (tmp_path / seed).mkdir()
         (tmp_path / seed / "metrics.json").write_text("{}")
     assert [d.name for d in seed_dirs(tmp_path)] == ["0", "2", "10"]  # not "10" before "2"
+
+
+def test_diagnostics_switched_off_leave_an_empty_output_and_train_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["diagnostics"] = {}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cli = [sys.executable, "-m", "fitscope.cli", "diagnose"]
+    done = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "nothing to train" in done.stdout
+    assert (tmp_path / "runs" / "diagnostics").is_dir()
+    assert not any((tmp_path / "runs" / "diagnostics").iterdir())
+    params["diagnostics"] = {
+        "higgs": {"d": {"axis": "model.width", "variants": ["x"], "values": [8]}}
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    bad = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "diagnostics.higgs.d names 'x'" in bad.stderr
