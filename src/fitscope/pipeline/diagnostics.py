@@ -3,8 +3,8 @@ and the validation curves (DVC stage ``diagnose``, docs/diagnostics.md).
 
 A diagnostic trains each of its ``variants`` again at every value of ``values`` for one
 config key, its ``axis``. The variant's own value is the variant's run of the train
-stage (never trained twice); ``origin``, when given, is the variant that stands for the
-value 0 (the unregularized model of a strength curve).
+stage (left out of ``values``, it is not trained twice); ``origin``, when given, is the
+variant that stands for the value 0 (the unregularized model of a strength curve).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from fitscope.core.fileio import read_float_csv, write_csv
-from fitscope.report.render import Block, Section
-from fitscope.results.bands import Band, mean_std
-from fitscope.results.figures import pyplot, save_png
+from fitscope.report.render import Block, Section, mean_cell
+from fitscope.results.bands import Band, band_over, mean_std
+from fitscope.results.figures import draw_band, pyplot, save_png
 
 SENTENCE = (
     "Calibration on the test split (with several seeds: the mean and a ± std band): a "
@@ -63,15 +63,8 @@ def _reliability(seeds: list[list[dict[str, float]]]) -> tuple[Band, list[float]
         for row in rows:
             by_bin.setdefault(row["bin_low"], []).append(row)
     bins = [by_bin[b] for b in sorted(by_bin)]
-    accuracy = [mean_std([row["accuracy"] for row in rows]) for rows in bins]
     confidence = [mean_std([row["confidence"] for row in rows])[0] for rows in bins]
-    return Band(confidence, [m for m, _ in accuracy], [s for _, s in accuracy]), confidence
-
-
-def _draw(ax, band: Band, style: str, label: str, **kwargs) -> None:
-    line = ax.plot(band.x, band.mean, style, label=label, **kwargs)[0]
-    if any(band.std):
-        ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.15, lw=0)
+    return band_over(confidence, [[row["accuracy"] for row in rows] for rows in bins]), confidence
 
 
 def _figure(curves: dict[str, list[dict[str, list]]], dataset: str, path: Path) -> Path:
@@ -81,11 +74,12 @@ def _figure(curves: dict[str, list[dict[str, list]]], dataset: str, path: Path) 
     axes = list(axes) if binary else [axes]
     axes[0].plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
     for name, seeds in curves.items():
-        _draw(axes[0], _reliability([c["calibration"] for c in seeds])[0], "o-", name, ms=3)
+        draw_band(axes[0], _reliability([c["calibration"] for c in seeds])[0], "o-", name, ms=3)
         if binary and all("roc" in c and "pr" in c for c in seeds):
-            _draw(axes[1], _on_grid([c["roc"] for c in seeds], "fpr", "tpr"), "-", name, lw=1)
+            roc = _on_grid([c["roc"] for c in seeds], "fpr", "tpr")
+            draw_band(axes[1], roc, "-", name, lw=1)
             pr = _on_grid([c["pr"] for c in seeds], "recall", "precision")
-            _draw(axes[2], pr, "-", name, lw=1)
+            draw_band(axes[2], pr, "-", name, lw=1)
     seeds = max(len(s) for s in curves.values())
     band = f", mean ± std of {seeds} seeds" if seeds > 1 else ""
     axes[0].set(xlabel="confidence", ylabel="accuracy", title=f"{dataset}: reliability{band}")
@@ -122,19 +116,21 @@ def calibration_section(results: list[Any], out: Path) -> Section:
         (out / kind).mkdir(parents=True, exist_ok=True)
     for dataset in dict.fromkeys(r.dataset for r in results):
         group = [r for r in results if r.dataset == dataset]
-        curves = {r.name: list(c.values()) for r in group if (c := _seed_curves(r))}
-        for r in group:
-            if seeds := _seed_curves(r):
-                _write_plot_files(r.name, seeds, out)
+        curves = {r.name: c for r in group if (c := _seed_curves(r))}
+        for name, seeds in curves.items():
+            _write_plot_files(name, seeds, out)
         figure = (
-            _figure(curves, dataset, out / "figures" / f"calibration_{dataset}.png")
+            _figure(
+                {name: list(seeds.values()) for name, seeds in curves.items()},
+                dataset,
+                out / "figures" / f"calibration_{dataset}.png",
+            )
             if curves
             else None
         )
         rows = []
         for r in group:
             ece = [run["test_ece"] for run in r.runs if "test_ece" in run]
-            cell = "{:.4f} ± {:.4f}".format(*mean_std(ece)) if len(ece) > 1 else "n/a"
-            rows.append({"variant": r.name, "ECE": f"{ece[0]:.4f}" if len(ece) == 1 else cell})
+            rows.append({"variant": r.name, "ECE": mean_cell(ece) if ece else "n/a"})
         blocks.append(Block(dataset.upper(), rows, figure))
     return Section("Calibration", SENTENCE, blocks)

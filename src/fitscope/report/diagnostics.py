@@ -13,11 +13,11 @@ from typing import Any
 
 from fitscope.core.fileio import read_float_csv, write_csv
 from fitscope.pipeline.diagnostics import RUNS_DIR, SIZE_AXIS, Diagnostic, diagnostics
-from fitscope.report.render import Block, Section
-from fitscope.results.bands import mean_std
+from fitscope.report.render import Block, Section, mean_cell
+from fitscope.results.bands import band_over, mean_std
 from fitscope.results.diagnostics import Point, best_point, curve_reading, size_reading, turns
-from fitscope.results.figures import pyplot, save_png
-from fitscope.results.seeds import run_setting, seed_dirs
+from fitscope.results.figures import draw_band, pyplot, save_png
+from fitscope.results.seeds import run_setting, seed_dirs, seed_key
 from fitscope.results.verdict import dataset_floor, seed_count, seed_train_loss, verdict
 
 SIZE_TITLE = "Learning curve: training-set size"
@@ -115,24 +115,18 @@ def _points(lines: dict[str, list[_Runs]], floor: float) -> dict[str, list[Point
     }
 
 
-def _band(ax, x: list[float], values: list[list[float]], style: str, color: str, label: str):
-    stats = [mean_std(v) for v in values]
-    means = [m for m, _ in stats]
-    ax.plot(x, means, style, marker="o", ms=3, color=color, label=label)
-    if any(len(v) > 1 for v in values):
-        ax.fill_between(
-            x, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.15, lw=0
-        )
-
-
 def _figure(diag: Diagnostic, points: dict[str, list[Point]], path: Path) -> Path:
     plt = pyplot()
     label, scale = AXES.get(diag.axis, (diag.axis, "linear"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (variant, line) in enumerate(points.items()):
         x = [p.value for p in line]
-        _band(ax, x, [p.val for p in line], "-", f"C{i}", f"{variant} val")
-        _band(ax, x, [p.train for p in line], "--", f"C{i}", f"{variant} train")
+        for values, style, split in (
+            ([p.val for p in line], "-", "val"),
+            ([p.train for p in line], "--", "train"),
+        ):
+            band = band_over(x, values)
+            draw_band(ax, band, style, f"{variant} {split}", marker="o", ms=3, color=f"C{i}")
         best = best_point(line)
         ax.plot([best.value], [best.val_mean], "*", ms=14, color=f"C{i}", mec="black")
         over = [p for p in line if p.overfitting]
@@ -158,7 +152,7 @@ def _write_plot_files(diag: Diagnostic, points: dict[str, list[Point]], out: Pat
     and every seed's values (columns ``val_loss_seed<seed>``; blank where a value has no
     run of that seed)."""
     for variant, line in points.items():
-        seeds = sorted({s for p in line for s in p.seeds}, key=lambda s: (len(s), s))
+        seeds = sorted({s for p in line for s in p.seeds}, key=seed_key)
         head = ["value", "val_loss", "train_loss", "val_loss_std", "train_loss_std"]
         head += [f"{k}_seed{s}" for s in seeds for k in ("val_loss", "train_loss")]
         rows = []
@@ -170,18 +164,13 @@ def _write_plot_files(diag: Diagnostic, points: dict[str, list[Point]], out: Pat
         write_csv(out / DVC_PLOTS_DIR / diag.study / f"{variant}.csv", [head, *rows])
 
 
-def _cell(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
-
-
 def _rows(points: dict[str, list[Point]]) -> list[dict[str, str]]:
     return [
         {
             "variant": variant,
             "value": f"{p.value:g}",
-            "best val loss": _cell(p.val),
-            "train loss": _cell(p.train),
+            "best val loss": mean_cell(p.val),
+            "train loss": mean_cell(p.train),
             "gap": f"{p.gap:.4f}",
             "verdict": seed_count(p.verdicts),
         }

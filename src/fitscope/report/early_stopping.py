@@ -42,11 +42,11 @@ def early_stopping_section(results: list[Any]) -> Section:
 def _replays(result: Any) -> list[Replay]:
     """Seed 0's replay, with the monitor, mode and min_delta its run's early stopping used
     (its recorded config; a record without one: val/loss, min, 0)."""
-    run_dir, key = result.run_dirs[0], "callbacks.early_stopping"
-    monitor = run_setting(run_dir, f"{key}.monitor") or "val/loss"
-    mode = run_setting(run_dir, f"{key}.mode") or "min"
-    min_delta = run_setting(run_dir, f"{key}.min_delta") or 0.0
-    return replays(result.histories[0], monitor, mode, min_delta)
+    settings = run_setting(result.run_dirs[0], "callbacks.early_stopping")
+    settings = settings if isinstance(settings, dict) else {}
+    monitor = settings.get("monitor") or "val/loss"
+    mode = settings.get("mode") or "min"
+    return replays(result.histories[0], monitor, mode, settings.get("min_delta") or 0.0)
 
 
 def early_stopping_rows(results: list[Any]) -> dict[str, list[dict[str, str]]]:

@@ -126,10 +126,7 @@ def annotate_mlflow_runs(
             f"{table_md(rows)}"
         )
         for parent_id in parent_ids:
-            tracker = RunTracker(client, parent_id)
-            tracker.set_tags({NOTE_TAG: note})
-            for path in files[study]:
-                tracker.log_artifact(path, "report")
+            _annotate_parent(client, parent_id, note, files[study])
 
 
 def annotate_diagnostics(
@@ -145,7 +142,12 @@ def annotate_diagnostics(
             RunTracker(client, run_id).set_tags({"fitscope.verdict": run_verdict})
             parent_ids.add(client.get_run(run_id).data.tags.get("mlflow.parentRunId"))
         for parent_id in parent_ids - {None}:
-            tracker = RunTracker(client, parent_id)
-            tracker.set_tags({NOTE_TAG: notes[study]})
-            for path in files[study]:
-                tracker.log_artifact(path, "report")
+            _annotate_parent(client, parent_id, notes[study], files[study])
+
+
+def _annotate_parent(client: Any, parent_id: str, note: str, files: list[Path]) -> None:
+    """A study's parent run: ``note`` as its description, ``files`` under ``report/``."""
+    tracker = RunTracker(client, parent_id)
+    tracker.set_tags({NOTE_TAG: note})
+    for path in files:
+        tracker.log_artifact(path, "report")

@@ -8,6 +8,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fitscope.results.bands import mean_std
 from fitscope.results.verdict import VERDICT_RULE
 from fitscope.tracking.store import where_to_look
 
@@ -30,6 +31,16 @@ class Section:
     title: str
     sentence: str
     blocks: list[Block] = field(default_factory=list)
+
+
+def fmt_mean(mean: float, std: float, seeds: int, digits: int = 4) -> str:
+    """A table cell: ``mean ± std`` over several seeds, the value alone over one."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
+def mean_cell(values: list[float], digits: int = 4) -> str:
+    """``fmt_mean`` of the seeds' ``values``."""
+    return fmt_mean(*mean_std(values), len(values), digits)
 
 
 def table_md(rows: list[dict[str, str]]) -> str:

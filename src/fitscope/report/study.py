@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from fitscope.report.calibration import calibration_section
 from fitscope.report.diagnostics import diagnostic_report
 from fitscope.report.early_stopping import early_stopping_section
 from fitscope.report.record import annotate_diagnostics, annotate_mlflow_runs, register_champions
-from fitscope.report.render import markdown, page_html, table_md
+from fitscope.report.render import fmt_mean, markdown, page_html, table_md
+from fitscope.results.bands import mean_std
 from fitscope.results.figures import band_pair, pyplot, save_png
 from fitscope.results.seeds import seed_dirs
 from fitscope.results.verdict import BASELINES, dataset_floor, seed_count, seed_train_loss, verdict
@@ -35,8 +35,7 @@ class VariantResult:
     verdicts: list[str] = field(default_factory=list)
 
     def stat(self, key: str) -> tuple[float, float]:
-        values = [r[key] for r in self.runs]
-        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        return mean_std([r[key] for r in self.runs])
 
 
 def load_results(params: dict[str, Any], runs_root: Path, metrics_dir: Path) -> list[VariantResult]:
@@ -77,10 +76,6 @@ def load_results(params: dict[str, Any], runs_root: Path, metrics_dir: Path) -> 
     return results
 
 
-def _fmt(mean: float, std: float, seeds: int, digits: int = 4) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
-
-
 def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str, str]]:
     """One table row per variant of ``dataset`` (mean ± std over seeds when several)."""
     rows = []
@@ -89,22 +84,22 @@ def comparison_rows(results: list[VariantResult], dataset: str) -> list[dict[str
         row = {
             "variant": r.name,
             "params": str(int(r.runs[0]["n_params"])),
-            "val loss": _fmt(*r.stat("best_val_loss"), n),
-            "val acc": _fmt(*r.stat("best_val_acc"), n),
+            "val loss": fmt_mean(*r.stat("best_val_loss"), n),
+            "val acc": fmt_mean(*r.stat("best_val_acc"), n),
         }
         if dataset == "higgs":
-            row["val AUROC"] = _fmt(*r.stat("best_val_auroc"), n)
-        row["test loss"] = _fmt(r.test["test_loss"], r.test.get("test_loss_std", 0.0), n)
-        row["test acc"] = _fmt(r.test["test_acc"], r.test.get("test_acc_std", 0.0), n)
+            row["val AUROC"] = fmt_mean(*r.stat("best_val_auroc"), n)
+        row["test loss"] = fmt_mean(r.test["test_loss"], r.test.get("test_loss_std", 0.0), n)
+        row["test acc"] = fmt_mean(r.test["test_acc"], r.test.get("test_acc_std", 0.0), n)
         if dataset == "higgs":
-            row["test AUROC"] = _fmt(r.test["test_auroc"], r.test.get("test_auroc_std", 0.0), n)
+            row["test AUROC"] = fmt_mean(r.test["test_auroc"], r.test.get("test_auroc_std", 0.0), n)
         row.update(
             {
-                "selected epoch": _fmt(*r.stat("best_epoch"), n, 0),
-                "stopped epoch": _fmt(*r.stat("stopped_epoch"), n, 0),
-                "train-val gap": _fmt(*r.stat("best_gap_loss"), n),
+                "selected epoch": fmt_mean(*r.stat("best_epoch"), n, 0),
+                "stopped epoch": fmt_mean(*r.stat("stopped_epoch"), n, 0),
+                "train-val gap": fmt_mean(*r.stat("best_gap_loss"), n),
                 "verdict": seed_count(r.verdicts),
-                "wall time (s)": _fmt(*r.stat("wall_time_s"), n, 1),
+                "wall time (s)": fmt_mean(*r.stat("wall_time_s"), n, 1),
                 # trainer.precision as it ran (auto resolves per machine); "-": not recorded
                 "precision": "/".join(sorted({str(x.get("precision", "-")) for x in r.runs})),
                 "MLflow run": ", ".join(str(x.get("mlflow_run_id", "-")) for x in r.runs),

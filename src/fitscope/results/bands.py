@@ -31,6 +31,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def band_over(x: list[float], groups: list[list[float]]) -> Band:
+    """The mean ± std of each group of values (one per seed), at each ``x``."""
+    stats = [mean_std(group) for group in groups]
+    return Band(list(x), [m for m, _ in stats], [s for _, s in stats])
+
+
 def epoch_band(histories: list[list[dict[str, float]]], key: str) -> Band:
     """``key`` per epoch (1-based) over the seeds' histories: the mean and std of the seeds
     that trained that epoch (early stopping ends seeds at different epochs)."""
@@ -39,8 +45,7 @@ def epoch_band(histories: list[list[dict[str, float]]], key: str) -> Band:
         for row in history:
             by_epoch.setdefault(int(row["epoch"]) + 1, []).append(row[key])
     epochs = sorted(by_epoch)
-    stats = [mean_std(by_epoch[e]) for e in epochs]
-    return Band([float(e) for e in epochs], [m for m, _ in stats], [s for _, s in stats])
+    return band_over([float(e) for e in epochs], [by_epoch[e] for e in epochs])
 
 
 @dataclass(frozen=True)

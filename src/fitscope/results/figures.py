@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fitscope.core.fileio import atomic_path
-from fitscope.results.bands import epoch_band
+from fitscope.results.bands import Band, epoch_band
 
 
 def run_figure(hist: list[dict[str, float]], title: str, selected: int, path: Path) -> Path:
@@ -42,9 +42,17 @@ def band_pair(
         curve_pair(ax, histories[0], key, color, label)
         return
     for split, style in (("train", "--"), ("val", "-")):
-        band = epoch_band(histories, f"{split}/{key}")
-        ax.plot(band.x, band.mean, style, color=color, label=f"{label}{split}")
-        ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.15, lw=0)
+        draw_band(
+            ax, epoch_band(histories, f"{split}/{key}"), style, f"{label}{split}", color=color
+        )
+
+
+def draw_band(ax, band: Band, style: str, label: str | None, **kwargs: Any) -> None:
+    """``band``'s mean as a line (``style``, ``label``, matplotlib ``kwargs``) and, where
+    the seeds differ, a ± std band around it in the line's colour."""
+    line = ax.plot(band.x, band.mean, style, label=label, **kwargs)[0]
+    if any(band.std):
+        ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.15, lw=0)
 
 
 def pyplot() -> Any:

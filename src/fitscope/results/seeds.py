@@ -19,12 +19,16 @@ def seed_dirs(variant_dir: str | Path) -> list[Path]:
     """The per-seed run directories of a variant (``runs/<dataset>/<variant>/<seed>``), in
     seed order (2 before 10)."""
     dirs = sorted(
-        (p.parent for p in Path(variant_dir).glob("*/metrics.json")),
-        key=lambda d: (int(d.name), "") if d.name.isdigit() else (-1, d.name),
+        (p.parent for p in Path(variant_dir).glob("*/metrics.json")), key=lambda d: seed_key(d.name)
     )
     if not dirs:
         raise FitscopeError(f"no trained runs in {variant_dir}. Fix: run `dvc repro` first")
     return dirs
+
+
+def seed_key(name: str) -> tuple[int, str]:
+    """Sorts seed names (run directory names) as seeds: 2 before 10."""
+    return (int(name), "") if name.isdigit() else (-1, name)
 
 
 def run_setting(run_dir: Path, key: str) -> Any:

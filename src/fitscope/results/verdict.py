@@ -75,8 +75,8 @@ def _window(epochs: int) -> int:
 
 
 def double_descent(history: list[dict[str, float]]) -> bool:
-    """Whether the validation loss, averaged over the verdict's window, first fell, then
-    rose well above its lowest value so far and later fell well below it: by more than
+    """Whether the validation loss, averaged over a sliding window, first fell, then rose
+    well above its lowest value so far and later fell well below it: by more than
     ``2 * OVERFIT_RISE`` and ``OVERFIT_RISE`` of that minimum, each step (the first fall
     too) by more than three times the noise of the averaged curve (estimated from the
     epoch-to-epoch changes), so that a noisy curve that is still descending, or one spike,
