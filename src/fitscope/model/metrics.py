@@ -67,6 +67,9 @@ def per_class_accuracy(
 SCORE_ROWS = 65_536  # rows per forward pass: 10.5M full-HIGGS rows at once need GBs
 
 
+Scored = tuple[torch.Tensor, torch.Tensor]  # logits and targets of a split
+
+
 def _forward(model: torch.nn.Module, x: Any) -> torch.Tensor:
     """Logits of ``x`` (a tensor or a memory-mapped array) computed in slices on the
     model's device (a GPU scores 10.5M rows in seconds, one CPU thread in minutes)."""
@@ -100,12 +103,19 @@ def constant_loss(train_labels: Any, val_labels: Any, num_classes: int) -> float
     return float(-np.log(frequencies[np.asarray(val_labels).astype(np.int64)]).mean())
 
 
+@torch.no_grad()
+def test_logits(model: torch.nn.Module, task: str, test: tuple[Any, Any]) -> Scored:
+    """The model's logits (eval mode) on the test split and the split's targets."""
+    return _forward(model.eval(), test[0]), targets_tensor(test[1], task)
+
+
 def test_scores(
     model: torch.nn.Module,
     task: str,
     num_classes: int,
     test: tuple[Any, Any],
     train: tuple[Any, Any] | None = None,
+    scored: Scored | None = None,
 ) -> dict[str, float]:
     """The held-out test metrics of a trained model (eval mode): loss, accuracy (AUROC
     for binary), the expected calibration error (``ece``), per-class accuracies for
@@ -114,9 +124,10 @@ def test_scores(
     Each split is tensors or memory-mapped arrays (the full HIGGS training split), scored
     in slices. The training loss logged during training has dropout active (as in
     Keras); the eval-mode one is what "how well does the model fit its training data" means.
+    ``scored``: the model's ``test_logits``, when the caller has them already.
     """
     model = model.eval()
-    logits, y = _forward(model, test[0]), targets_tensor(test[1], task)
+    logits, y = scored or test_logits(model, task, test)
     result = classification_metrics(task, logits, y, num_classes)
     result["ece"] = calibration_error(task, logits, y, num_classes)
     if task == "multiclass":
@@ -152,14 +163,17 @@ def calibration_error(
 
 
 @torch.no_grad()
-def test_curves(model: torch.nn.Module, task: str, test: tuple[Any, Any]) -> dict[str, list]:
+def test_curves(
+    model: torch.nn.Module, task: str, test: tuple[Any, Any], scored: Scored | None = None
+) -> dict[str, list]:
     """The test split's curves, each a header row and its rows: the reliability
     diagram's bins (``calibration``: the mean confidence and the accuracy of the
     predictions in each of the ECE's 15 bins) and, for a binary task, ROC and
-    precision-recall curves (torchmetrics, exact thresholds)."""
+    precision-recall curves (torchmetrics, exact thresholds). ``scored``: as for
+    ``test_scores``."""
     from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-    logits, y = _forward(model.eval(), test[0]), targets_tensor(test[1], task)
+    logits, y = scored or test_logits(model, task, test)
     if task == "binary":
         probs = torch.sigmoid(logits.squeeze(-1))
         # torchmetrics' binary ECE: confidence = P(positive), "accuracy" = the label.

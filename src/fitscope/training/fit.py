@@ -18,7 +18,7 @@ from typing import Any
 
 from fitscope.core.errors import FitscopeError
 from fitscope.core.progress import LineProgress
-from fitscope.model.metrics import constant_loss, test_curves, test_scores
+from fitscope.model.metrics import constant_loss, test_curves, test_logits, test_scores
 from fitscope.model.mlp import build_mlp_for, count_parameters
 from fitscope.training.callbacks import (
     EpochHistory,
@@ -302,16 +302,12 @@ def _result(cfg: TrainConfig, dm, mlp, trainer, watch: Watchers, wall: float) ->
     # fit: one CPU thread took ~130 s for the 10.5M full-HIGGS rows that a GPU scores in
     # seconds), before the model is saved from the CPU.
     train_split = dm.mapped or dm.tensors["train"]  # mapped: the full HIGGS file
-    scores = test_scores(
-        mlp.to(trainer.strategy.root_device).eval(),
-        cfg.data.task,
-        cfg.data.num_classes,
-        dm.tensors["test"],
-        train_split,
-    )
+    task, test = cfg.data.task, dm.tensors["test"]
+    scored = test_logits(mlp.to(trainer.strategy.root_device), task, test)  # one forward
+    scores = test_scores(mlp, task, cfg.data.num_classes, test, train_split, scored)
     early = watch.early
     return FitResult(
-        curves=test_curves(mlp, cfg.data.task, dm.tensors["test"]),
+        curves=test_curves(mlp, task, test, scored),
         last_scores=_last_epoch_scores(cfg, dm, trainer, watch, selected, scores),
         history=watch.history,
         selected=selected,
