@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, venv_env
 
 from fitscope.bench.record import record
+from fitscope.bench.study import fidelity
 
 
 def test_record_merges_into_an_existing_file(tmp_path):
@@ -20,6 +21,37 @@ def test_record_merges_into_an_existing_file(tmp_path):
     expected = {"ingest_s_per_11M_rows": 40.0, "tracking_overhead": 0.01, "large_gflops": 70.0}
     assert merged == expected
     assert json.loads(path.read_text()) == expected
+
+
+def test_fidelity_compares_each_variant_with_the_published_study(tmp_path):
+    published, now = tmp_path / "published.csv", tmp_path / "now.csv"
+    head = "dataset,variant,val loss,selected epoch,verdict,wall time (s)\n"
+    published.write_text(
+        head + "higgs,higgs-l2,0.5823,323,overfitting,595.4\nhiggs,higgs-gone,0.6,1,good fit,1\n"
+        "dataset,variant,val loss,val acc,selected epoch,verdict\n"
+        "mnist,mnist-none,0.7024,0.79,300,overfitting\n"
+    )
+    now.write_text(
+        head + "higgs,higgs-l2,0.5810 ± 0.0020,320,overfitting,99.0\n"
+        "dataset,variant,val loss,val acc,selected epoch,verdict\n"
+        "mnist,mnist-none,0.7164,0.80,300,good fit\n"
+    )
+    drift = fidelity(now, published)
+    assert drift["study_val_loss_max_delta"] == pytest.approx(0.014)
+    assert drift["study_verdicts_changed"] == 1
+    assert drift["study_fidelity"] == {
+        "higgs-l2": {
+            "val loss": ["0.5823", "0.5810 ± 0.0020"],
+            "selected epoch": ["323", "320"],
+            "verdict": ["overfitting", "overfitting"],
+        },
+        "mnist-none": {
+            "val loss": ["0.7024", "0.7164"],
+            "selected epoch": ["300", "300"],
+            "verdict": ["overfitting", "good fit"],
+        },
+    }
+    assert fidelity(now, tmp_path / "no-published-results.csv") == {}
 
 
 @pytest.mark.slow

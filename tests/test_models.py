@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from fitscope.core.errors import FitscopeError
-from fitscope.model.mlp import FastDropout, build_mlp, count_parameters, kernel_weights, l2_penalty
+from fitscope.model.mlp import (
+    FastDropout,
+    build_mlp,
+    count_parameters,
+    keep_mask,
+    kernel_weights,
+    l2_penalty,
+)
+from fitscope.training.module import build_optimizer
 
 
 def test_capacity_ladder_parameter_counts():
@@ -70,13 +78,61 @@ def test_l2_gradient_is_2c_w():
 
 def test_fast_dropout_matches_dropout_statistics():
     torch.manual_seed(0)
-    x = torch.ones(200_000)
+    x = torch.ones(200_000, requires_grad=True)
     drop = FastDropout(0.5).train()
     y = drop(x)
     assert set(torch.unique(y).tolist()) == {0.0, 2.0}
     assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+    y.sum().backward()  # the gradient flows through the kept elements only, scaled
+    assert torch.equal(x.grad, y.detach())
     assert torch.equal(drop.eval()(x), x)
     assert isinstance(drop, nn.Module)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.8])
+def test_keep_mask_keeps_each_element_with_probability_keep(dtype, keep):
+    torch.manual_seed(1)
+    mask = keep_mask(torch.empty(400_001, dtype=dtype), keep)  # not a multiple of 4
+    assert mask.dtype == dtype and mask.shape == (400_001,)
+    assert set(torch.unique(mask).tolist()) == {0.0, 1.0}
+    # 400k draws: the kept fraction's std is under 0.001
+    assert mask.double().mean().item() == pytest.approx(keep, abs=0.004)
+    lanes = mask[:400_000].double().view(-1, 4).mean(0)  # each 16-bit lane of a 64-bit draw
+    assert lanes.tolist() == pytest.approx([keep] * 4, abs=0.008)
+
+
+def test_keep_mask_is_seeded_by_the_default_generator():
+    x = torch.empty(3, 5, 7)
+    torch.manual_seed(3)
+    first = keep_mask(x, 0.5)
+    torch.manual_seed(3)
+    assert first.shape == x.shape and torch.equal(keep_mask(x, 0.5), first)
+    assert not torch.equal(keep_mask(x, 0.5), first)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_the_fused_optimizer_takes_the_unfused_step(name):
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    cfg = {"name": name, "lr": 0.01, "eps": 1e-7, "momentum": 0.9}
+    fused = [nn.Parameter(w.clone()) for w in weights]
+    plain = [nn.Parameter(w.clone()) for w in weights]
+    optimizer = build_optimizer(fused, cfg)
+    assert optimizer.defaults["fused"]
+    if name == "adam":
+        reference = torch.optim.Adam(plain, lr=0.01, eps=1e-7)
+    else:
+        reference = torch.optim.SGD(plain, lr=0.01, momentum=0.9)
+    for _ in range(5):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, opt in ((fused, optimizer), (plain, reference)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(fused[0], weights[0])
 
 
 def test_unknown_activation_is_refused():

@@ -34,6 +34,11 @@ GOALS = {
 def print_table(figures: dict[str, Any]) -> None:
     width = max(map(len, figures))
     for key, value in figures.items():
+        if isinstance(value, dict) and key == "study_fidelity":  # variant: [then, now] each
+            print(f"  {key}: published / this run")
+            for variant, cells in value.items():
+                print(f"    {variant:<18}" + "  ".join(" / ".join(pair) for pair in cells.values()))
+            continue
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         goal = f"  (goal {GOALS[key]})" if key in GOALS else ""
         print(f"  {key:<{width}}  {shown}{goal}")

@@ -4,6 +4,7 @@ core of this machine does at its measured peak."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -68,13 +69,59 @@ def time_study(
         subprocess.run([str(dvc), "repro"], cwd=copy, env=env, check=True)
         minutes = (time.perf_counter() - start) / 60
         floor = floor_minutes(copy, peak_gflops, cores)
+        reference = root / "docs" / "results" / profile / "comparison.csv"
+        drift = fidelity(copy / "reports" / "comparison.csv", reference)
     if floor <= 0:
         raise RuntimeError("the study left no run with a metrics.json: no floor to compare with")
     return {
         "study_minutes": minutes,
         "study_floor_minutes": floor,
         "study_floor_ratio": minutes / floor,
+        **drift,
     }
+
+
+def read_comparison(path: Path) -> dict[str, dict[str, str]]:
+    """The rows of a report's comparison.csv by variant (one table per dataset, each under
+    its own header line)."""
+    rows: dict[str, dict[str, str]] = {}
+    header: list[str] = []
+    for line in csv.reader(path.read_text().splitlines()):
+        if line and line[0] == "dataset":
+            header = line
+        elif line and header:
+            row = dict(zip(header, line, strict=True))
+            rows[row["variant"]] = row
+    return rows
+
+
+def fidelity(comparison: Path, reference: Path) -> dict[str, Any]:
+    """The study's results against the published ones of its profile (docs/results), when
+    there are some: each variant's best val loss, selected epoch and verdict, then and now,
+    the largest val-loss difference and how many verdicts changed. A speed-up must leave
+    these as they were (issue 22: within 0.01, the same verdicts)."""
+    if not reference.is_file() or not comparison.is_file():
+        return {}
+    then, now = read_comparison(reference), read_comparison(comparison)
+    shared = [variant for variant in then if variant in now]
+    table = {
+        v: {key: [then[v][key], now[v][key]] for key in ("val loss", "selected epoch", "verdict")}
+        for v in shared
+    }
+    deltas = [
+        abs(_leading_float(now[v]["val loss"]) - _leading_float(then[v]["val loss"]))
+        for v in shared
+    ]
+    return {
+        "study_fidelity": table,
+        "study_val_loss_max_delta": max(deltas, default=0.0),
+        "study_verdicts_changed": sum(then[v]["verdict"] != now[v]["verdict"] for v in shared),
+    }
+
+
+def _leading_float(cell: str) -> float:
+    """``0.5731`` of ``0.5731`` or ``0.5731 ± 0.0012`` (several seeds)."""
+    return float(cell.split()[0])
 
 
 def floor_minutes(repo: Path, peak_gflops: Callable[[str], float], cores: int) -> float:

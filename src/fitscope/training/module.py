@@ -166,18 +166,7 @@ class FitModule(pl.LightningModule):
         return classification_metrics(self.task, logits, targets, self.num_classes)
 
     def configure_optimizers(self):
-        opt = self.optimizer_cfg
-        if opt["name"] == "adam":
-            optimizer = torch.optim.Adam(
-                self.parameters(),
-                lr=opt["lr"],
-                betas=tuple(opt.get("betas", (0.9, 0.999))),
-                eps=opt.get("eps", 1e-7),
-            )
-        else:
-            optimizer = torch.optim.SGD(
-                self.parameters(), lr=opt["lr"], momentum=opt.get("momentum", 0.0)
-            )
+        optimizer = build_optimizer(list(self.parameters()), self.optimizer_cfg)
         if self.scheduler_cfg["name"] == "none":
             return optimizer
         decay_steps = self.scheduler_cfg["decay_epochs"] * self.steps_per_epoch
@@ -186,3 +175,22 @@ class FitModule(pl.LightningModule):
             optimizer, lambda step: 1.0 / (1.0 + step / decay_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def build_optimizer(parameters: list[nn.Parameter], opt: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer a run trains with (``optimizer`` config: adam or sgd).
+
+    Fused: one kernel updates every parameter instead of a Python loop of small ops (Adam's
+    step on the 512x4 model took 1.34 ms here, fused 0.55 ms; issue 22). The same update;
+    only the order of float operations differs.
+    """
+    fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
+    if opt["name"] == "adam":
+        return torch.optim.Adam(
+            parameters,
+            lr=opt["lr"],
+            betas=tuple(opt.get("betas", (0.9, 0.999))),
+            eps=opt.get("eps", 1e-7),
+            fused=fused,
+        )
+    return torch.optim.SGD(parameters, lr=opt["lr"], momentum=opt.get("momentum", 0.0), fused=fused)
