@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO, venv_env
 
-from fitscope.bench.record import record
+from fitscope.bench.record import print_table, record
 from fitscope.bench.study import fidelity
 
 
@@ -23,7 +23,7 @@ def test_record_merges_into_an_existing_file(tmp_path):
     assert json.loads(path.read_text()) == expected
 
 
-def test_fidelity_compares_each_variant_with_the_published_study(tmp_path):
+def test_fidelity_compares_each_variant_with_the_published_study(tmp_path, capsys):
     published, now = tmp_path / "published.csv", tmp_path / "now.csv"
     head = "dataset,variant,val loss,selected epoch,verdict,wall time (s)\n"
     published.write_text(
@@ -34,11 +34,12 @@ def test_fidelity_compares_each_variant_with_the_published_study(tmp_path):
     now.write_text(
         head + "higgs,higgs-l2,0.5810 ± 0.0020,320,overfitting,99.0\n"
         "dataset,variant,val loss,val acc,selected epoch,verdict\n"
-        "mnist,mnist-none,0.7164,0.80,300,good fit\n"
+        'mnist,mnist-none,0.7164,0.80,300,"good fit (2/3 seeds), overfitting (1/3 seeds)"\n'
     )
     drift = fidelity(now, published)
     assert drift["study_val_loss_max_delta"] == pytest.approx(0.014)
-    assert drift["study_verdicts_changed"] == 1
+    assert drift["study_verdicts_changed"] == 1  # the majority verdict is compared
+    assert drift["study_variants_missing"] == 1  # higgs-gone
     assert drift["study_fidelity"] == {
         "higgs-l2": {
             "val loss": ["0.5823", "0.5810 ± 0.0020"],
@@ -48,10 +49,15 @@ def test_fidelity_compares_each_variant_with_the_published_study(tmp_path):
         "mnist-none": {
             "val loss": ["0.7024", "0.7164"],
             "selected epoch": ["300", "300"],
-            "verdict": ["overfitting", "good fit"],
+            "verdict": ["overfitting", "good fit (2/3 seeds), overfitting (1/3 seeds)"],
         },
     }
-    assert fidelity(now, tmp_path / "no-published-results.csv") == {}
+    nothing = fidelity(now, tmp_path / "no-published-results.csv")
+    assert set(nothing) == set(drift) and set(nothing.values()) == {None}
+    print_table(drift)  # the bench prints the table this way
+    shown = capsys.readouterr().out
+    assert "higgs-l2          0.5823 / 0.5810 ± 0.0020  323 / 320" in shown
+    assert "study_verdicts_changed" in shown and "(goal 0)" in shown
 
 
 @pytest.mark.slow

@@ -102,6 +102,13 @@ def test_keep_mask_keeps_each_element_with_probability_keep(dtype, keep):
     assert lanes.tolist() == pytest.approx([keep] * 4, abs=0.008)
 
 
+def test_keep_mask_at_the_extremes_of_keep():
+    x = torch.empty(100_000)
+    assert keep_mask(x, 1e-6).sum().item() == 0  # under one level of 2**-15: never kept
+    almost_all = keep_mask(x, 0.99999).mean().item()  # capped at 32767 / 32768
+    assert 0.9990 < almost_all < 1.0
+
+
 def test_keep_mask_is_seeded_by_the_default_generator():
     x = torch.empty(3, 5, 7)
     torch.manual_seed(3)
@@ -109,6 +116,11 @@ def test_keep_mask_is_seeded_by_the_default_generator():
     torch.manual_seed(3)
     assert first.shape == x.shape and torch.equal(keep_mask(x, 0.5), first)
     assert not torch.equal(keep_mask(x, 0.5), first)
+
+
+def test_parameters_off_cpu_and_cuda_get_the_unfused_optimizer():
+    on_meta = [nn.Parameter(torch.empty(4, 4, device="meta"))]
+    assert not build_optimizer(on_meta, {"name": "adam", "lr": 0.1}).defaults["fused"]
 
 
 @pytest.mark.parametrize("name", ["adam", "sgd"])

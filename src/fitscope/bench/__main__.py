@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def record_and_print(figures: dict[str, Any], out: Path) -> None:
+    record(figures, out)  # first: a long --study run is never lost to a printing error
     print(f"figures merged into {out}:")
     print_table(figures)
-    record(figures, out)
 
 
 def training_figures(args: argparse.Namespace) -> dict[str, Any]:

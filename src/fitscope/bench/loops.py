@@ -239,7 +239,7 @@ def precision_step_seconds(precision: str, steps: int = 6, width: int = 512) -> 
     512x4 model under Lightning's CPU autocast for ``precision``."""
     torch.manual_seed(0)
     model = build_mlp(28, 1, width=width, depth=4)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = build_optimizer(list(model.parameters()), {"name": "adam", "lr": 1e-3})
     x, y = torch.randn(500, 28), torch.randint(0, 2, (500,)).float()
     bf16 = precision == "bf16-mixed"
     timings = []

@@ -28,6 +28,8 @@ GOALS = {
     "tracking_overhead": "<= 0.02",
     "checkpoint_overhead": "<= 0.01",
     "study_floor_ratio": "<= 1.5",
+    "study_val_loss_max_delta": "<= 0.01",
+    "study_verdicts_changed": "0",
 }
 
 

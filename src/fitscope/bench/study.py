@@ -96,12 +96,14 @@ def read_comparison(path: Path) -> dict[str, dict[str, str]]:
 
 
 def fidelity(comparison: Path, reference: Path) -> dict[str, Any]:
-    """The study's results against the published ones of its profile (docs/results), when
-    there are some: each variant's best val loss, selected epoch and verdict, then and now,
-    the largest val-loss difference and how many verdicts changed. A speed-up must leave
-    these as they were (issue 22: within 0.01, the same verdicts)."""
+    """The study's results against the published ones of its profile (docs/results): each
+    variant's best val loss, selected epoch and verdict, then and now, the largest
+    val-loss difference, how many (majority) verdicts changed and how many published
+    variants the study lacks. A speed-up must leave these as they were (issue 22: within
+    0.01, the same verdicts). Without published results every figure is None, so that
+    reports/bench.json keeps no earlier run's figures beside this run's."""
     if not reference.is_file() or not comparison.is_file():
-        return {}
+        return dict.fromkeys(FIDELITY_KEYS)
     then, now = read_comparison(reference), read_comparison(comparison)
     shared = [variant for variant in then if variant in now]
     table = {
@@ -112,16 +114,32 @@ def fidelity(comparison: Path, reference: Path) -> dict[str, Any]:
         abs(_leading_float(now[v]["val loss"]) - _leading_float(then[v]["val loss"]))
         for v in shared
     ]
+    changed = sum(_majority(then[v]["verdict"]) != _majority(now[v]["verdict"]) for v in shared)
     return {
         "study_fidelity": table,
         "study_val_loss_max_delta": max(deltas, default=0.0),
-        "study_verdicts_changed": sum(then[v]["verdict"] != now[v]["verdict"] for v in shared),
+        "study_verdicts_changed": changed,
+        "study_variants_missing": len(then) - len(shared),
     }
+
+
+FIDELITY_KEYS = (
+    "study_fidelity",
+    "study_val_loss_max_delta",
+    "study_verdicts_changed",
+    "study_variants_missing",
+)
 
 
 def _leading_float(cell: str) -> float:
     """``0.5731`` of ``0.5731`` or ``0.5731 ± 0.0012`` (several seeds)."""
     return float(cell.split()[0])
+
+
+def _majority(cell: str) -> str:
+    """``good fit`` of ``good fit`` or ``good fit (4/6 seeds), overfitting (2/6 seeds)``
+    (results.verdict.seed_count lists the most frequent first)."""
+    return cell.split(" (")[0]
 
 
 def floor_minutes(repo: Path, peak_gflops: Callable[[str], float], cores: int) -> float:

@@ -29,13 +29,17 @@ _KEEP_LEVELS = 1 << 15  # a mask element is kept with probability round(keep * 2
 
 def keep_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
     """A 0/1 mask shaped and typed like ``x``, each element 1 with probability ``keep``
-    (to 2**-16): four 15-bit draws from each 64-bit ``random_`` of the default generator.
+    (to within 2**-15): four 15-bit draws from each 64-bit ``random_`` of the default
+    generator (CPU and CUDA; elsewhere, e.g. MPS, whose int64 draws are 32-bit, a
+    ``rand_like`` mask).
 
     Why: ``rand_like(x) < keep`` draws 32 bits per element and converts them to floats,
     then a bool mask multiplies slowly; on a 500x512 bf16 batch that took 1.35 ms a layer
     and this 0.33 ms (docs/benchmarks.md, issue 22). The mask is built in integers and
     read as floats: 1.0's bit pattern where a draw falls under the threshold, else 0.
     """
+    if x.device.type not in ("cpu", "cuda"):
+        return (torch.rand_like(x) < keep).to(x.dtype)
     count = x.numel()
     threshold = min(round(keep * _KEEP_LEVELS), _KEEP_LEVELS - 1)
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=x.device).random_()
@@ -50,9 +54,9 @@ def keep_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
 
 class FastDropout(nn.Module):
     """Inverted dropout (``x * mask / keep``, the maths of ``nn.Dropout``) with the cheap
-    :func:`keep_mask`: ``nn.Dropout`` measured ~2.5x and a ``rand_like`` mask ~4x slower
-    per layer on small CPU MLPs (docs/benchmarks.md). Draws from the default generator,
-    which checkpoints save, so a resumed run draws the same masks."""
+    :func:`keep_mask`: a ``rand_like`` mask took 4x (bf16) and 2.5x (fp32) as long on a
+    500x512 layer, ``nn.Dropout`` longer still (docs/benchmarks.md). Draws from the
+    default generator, which checkpoints save, so a resumed run draws the same masks."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
