@@ -85,8 +85,9 @@ study: install
 
 # Two pytest workers, one test file each at a time (module fixtures are built once); the
 # slow files first (tests/conftest.py), so the two long ones do not end up last in one queue.
+# --durations: the slowest tests in every CI log, to keep `make test` under 15 minutes.
 test: install-dev
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
