@@ -4,7 +4,6 @@ core of this machine does at its measured peak."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import yaml
 from fitscope.data.splits import read_manifest
 from fitscope.pipeline.diagnostics import drop_diagnostics
 from fitscope.pipeline.schedule import run_epoch_flop
+from fitscope.results.contract import read_comparison_csv
 
 
 def time_study(
@@ -81,20 +81,6 @@ def time_study(
     }
 
 
-def read_comparison(path: Path) -> dict[str, dict[str, str]]:
-    """The rows of a report's comparison.csv by variant (one table per dataset, each under
-    its own header line)."""
-    rows: dict[str, dict[str, str]] = {}
-    header: list[str] = []
-    for line in csv.reader(path.read_text().splitlines()):
-        if line and line[0] == "dataset":
-            header = line
-        elif line and header:
-            row = dict(zip(header, line, strict=True))
-            rows[row["variant"]] = row
-    return rows
-
-
 def fidelity(comparison: Path, reference: Path) -> dict[str, Any]:
     """The study's results against the published ones of its profile (docs/results): each
     variant's best val loss, selected epoch and verdict, then and now, the largest
@@ -104,7 +90,7 @@ def fidelity(comparison: Path, reference: Path) -> dict[str, Any]:
     reports/bench.json keeps no earlier run's figures beside this run's."""
     if not reference.is_file() or not comparison.is_file():
         return dict.fromkeys(FIDELITY_KEYS)
-    then, now = read_comparison(reference), read_comparison(comparison)
+    then, now = read_comparison_csv(reference), read_comparison_csv(comparison)
     shared = [variant for variant in then if variant in now]
     table = {
         v: {key: [then[v][key], now[v][key]] for key in ("val loss", "selected epoch", "verdict")}

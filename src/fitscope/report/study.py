@@ -17,6 +17,7 @@ from fitscope.report.early_stopping import early_stopping_section
 from fitscope.report.record import annotate_diagnostics, annotate_mlflow_runs, register_champions
 from fitscope.report.render import fmt_mean, markdown, page_html, table_md
 from fitscope.results.bands import mean_std
+from fitscope.results.contract import write_comparison_csv
 from fitscope.results.figures import band_pair, pyplot, save_png
 from fitscope.results.seeds import seed_dirs
 from fitscope.results.verdict import BASELINES, dataset_floor, seed_count, seed_train_loss, verdict
@@ -188,7 +189,7 @@ def write_study_report(
         calibration,
     ]
     sections = [s for s in sections if s.blocks]
-    _write_comparison_csv(tables, out / "comparison.csv")
+    write_comparison_csv(tables, out / "comparison.csv")
     seeds = max(len(r.runs) for r in results)
     with atomic_path(out / "study.md") as tmp:
         tmp.write_text(markdown(profile, seeds, tables, figures, champions, sections))
@@ -225,11 +226,3 @@ def _record(results, profile, tables, figures, calibration, diagnosed, out: Path
 
 def _dataset(results: list[VariantResult], study: str) -> str:
     return next(r.dataset for r in results if r.study == study)
-
-
-def _write_comparison_csv(tables: dict[str, list[dict[str, str]]], path: Path) -> None:
-    lines: list[list[str]] = []
-    for dataset, rows in tables.items():  # one header row per dataset: columns differ
-        lines.append(["dataset", *rows[0]])
-        lines += ([dataset, *row.values()] for row in rows)
-    write_csv(path, lines)
